@@ -1,0 +1,149 @@
+"""The nearest simplex ETF to a set of class means (Markou, Ajanthan, Gould, NeurIPS 2024).
+
+For centred class means H[d, K], Hn = H / ||H||, and the previous solution U_prev:
+
+    U* = argmin_{U in St(d, K)}  ||Hn - U M_K / sqrt(K)||^2 + (delta/2) ||U - U_prev||^2
+
+On St(d, K) the objective is linear in U, so U* = polar(A) with
+A = (2/sqrt(K-1)) Hn C + delta U_prev, C = I - 1 1^T / K (math.md §2a). Without U_prev
+(the first, "feasibility" solve) delta = 0 and A has rank <= K-1: U* C (hence the classifier
+U* M_K) is still unique, and the free direction U* 1/sqrt(K) is chosen deterministically and
+carries no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import geoopt
+import torch
+from torch import Tensor
+
+from nearest_etf._validation import check_choice, check_class_means, check_nonnegative, check_stiefel
+from nearest_etf.declarative import DeclarativeNode, Inputs, Solver
+from nearest_etf.etf import centering_matrix
+from nearest_etf.polar import polar
+from nearest_etf.solvers import RiemannianAdam, TrustRegions
+
+__all__ = ["BACKWARDS", "SOLVERS", "nearest_etf", "nearest_etf_objective", "procrustes_target"]
+
+SOLVERS = ("procrustes", "trust-regions", "riemannian-adam")
+BACKWARDS = ("analytic", "kkt", "cg")
+
+
+def procrustes_target(Hn: Tensor, prox: Tensor | None, delta: float) -> Tensor:
+    """A = (2/sqrt(K-1)) Hn C + delta prox, so that the objective is const - tr(U^T A).
+    Shapes [..., d, K]."""
+    K = Hn.shape[-1]
+    A = (2 / math.sqrt(K - 1)) * (Hn - Hn.mean(dim=-1, keepdim=True))
+    return A if prox is None else A + delta * prox
+
+
+def nearest_etf_objective(Hn: Tensor, U: Tensor, prox: Tensor | None = None, delta: float = 1e-3) -> Tensor:
+    """||Hn - U M_K / sqrt(K)||^2 + (delta/2) ||U - prox||^2 (the prox term only with a prox),
+    summed over leading batch dimensions. Hn, U, prox [..., d, K]."""
+    K = U.shape[-1]
+    C = centering_matrix(K, dtype=U.dtype, device=U.device)
+    value = (Hn - U @ C / math.sqrt(K - 1)).square().sum()
+    return value if prox is None else value + delta / 2 * (U - prox).square().sum()
+
+
+def _objective(delta: float, x: Inputs, U: Tensor) -> Tensor:
+    """nearest_etf_objective in the DeclarativeNode form f(x, U), x = (Hn,) or (Hn, prox)."""
+    Hn, *prox = x
+    return nearest_etf_objective(Hn, U, prox[0] if prox else None, delta)
+
+
+def _procrustes(delta: float, objective: object, manifold: object, x: Inputs, y0: Tensor | None) -> Tensor:
+    """The closed-form solver in the `Solver` form: polar(A) (no autograd here)."""
+    Hn, *prox = x
+    return polar(procrustes_target(Hn, prox[0] if prox else None, delta))
+
+
+def _named_solver(solver: str | Solver, delta: float) -> Solver:
+    if not isinstance(solver, str):
+        if not callable(solver):
+            raise TypeError(f"solver must be a name or a callable Solver, got {type(solver).__name__}")
+        return solver
+    check_choice("solver", solver, SOLVERS)
+    if solver == "procrustes":
+        return partial(_procrustes, delta)
+    return TrustRegions() if solver == "trust-regions" else RiemannianAdam()
+
+
+def _start_point(Hn: Tensor, prox: Tensor | None) -> Tensor:
+    """Initial point of the iterative solvers: the previous solution, else I[:, :K]."""
+    if prox is not None:
+        return prox
+    d, K = Hn.shape[-2:]
+    return torch.eye(d, K, dtype=Hn.dtype, device=Hn.device)
+
+
+def _map_problems(fn, Hn: Tensor, prox: Tensor | None) -> Tensor:  # noqa: ANN001
+    """Apply fn(Hn_i, prox_i) -> U_i to each problem of a batch [..., d, K] and restack."""
+    shape = Hn.shape
+    Hs = Hn.reshape(-1, *shape[-2:]).unbind(0)
+    Ps = prox.reshape(-1, *shape[-2:]).unbind(0) if prox is not None else (None,) * len(Hs)
+    return torch.stack([fn(h, p) for h, p in zip(Hs, Ps, strict=True)]).reshape(shape)
+
+
+def nearest_etf(
+    H: Tensor,
+    prox: Tensor | None = None,
+    *,
+    delta: float = 1e-3,
+    solver: str | Solver = "procrustes",
+    backward: str = "analytic",
+) -> Tensor:
+    """The nearest simplex ETF frame U* in St(d, K) to the class means H, differentiable in H.
+
+    Args:
+        H: [..., d, K] centred class means as columns (any scale; normalised to unit Frobenius
+            norm inside the differentiable map). d >= K >= 2. Leading dims are a batch.
+        prox: [..., d, K] the previous solution (orthonormal columns), or None for the first,
+            delta = 0 "feasibility" solve.
+        delta: proximal weight (>= 0), used only with a prox.
+        solver: "procrustes" (closed form U* = polar(A), the default), "trust-regions" (pymanopt,
+            30 iterations), "riemannian-adam" (geoopt, to a gradient tolerance), or a `Solver`
+            instance such as `TrustRegions(max_iterations=100)`.
+        backward: "analytic" (closed-form polar derivative, O(dK^2 + K^3)), "kkt" (dense
+            implicit-function system of the generic `DeclarativeNode`) or "cg" (matrix-free
+            conjugate gradients on the Riemannian Hessian, same node).
+
+    Returns:
+        U [..., d, K] with U^T U = I minimising ||Hn - U M_K/sqrt(K)||^2 + (delta/2)||U - prox||^2.
+        The ETF classifier is `etf_classifier(U)` = (U M_K)^T.
+    """
+    H = check_class_means(H)
+    delta = check_nonnegative("delta", delta)
+    check_choice("backward", backward, BACKWARDS)
+    if prox is not None:
+        prox = check_stiefel("prox", prox, H.shape, H.dtype).to(H.device)
+    solve = _named_solver(solver, delta)
+    Hn = H / torch.linalg.matrix_norm(H, keepdim=True)
+    objective = partial(_objective, delta)
+    manifold = geoopt.Stiefel(canonical=False)
+
+    def inputs(h: Tensor, p: Tensor | None) -> tuple[Tensor, ...]:
+        return (h,) if p is None else (h, p)
+
+    if backward == "analytic":
+        A = procrustes_target(Hn, prox, delta)
+        if solver == "procrustes":
+            U = polar(A)
+        else:
+            with torch.no_grad():
+                found = _map_problems(
+                    lambda h, p: solve(objective, manifold, inputs(h, p), _start_point(h, p)), Hn, prox
+                )
+            U = polar(A, found)
+    else:
+        node = DeclarativeNode(objective, manifold, solve, backward=backward)
+        U = _map_problems(lambda h, p: node(inputs(h, p), _start_point(h, p)), Hn, prox)
+    if prox is None:
+        # Only U C is determined: the free column direction U 1/sqrt(K) carries no gradient.
+        ones = torch.full((H.shape[-1], 1), H.shape[-1] ** -0.5, dtype=H.dtype, device=H.device)
+        C = centering_matrix(H.shape[-1], dtype=H.dtype, device=H.device)
+        U = U @ C + (U.detach() @ ones) @ ones.mT
+    return U

@@ -1,0 +1,135 @@
+"""Generic Riemannian solvers for `DeclarativeNode`: argmin_{y in manifold} objective(x, y).
+
+Both follow the `Solver` protocol (objective, manifold, x, y0) -> y and work for any smooth
+objective written in torch:
+  - `TrustRegions`: pymanopt's Riemannian trust-region method in float64 NumPy, with the
+    Euclidean gradient and Hessian-vector product supplied by torch autograd;
+  - `RiemannianAdam`: geoopt's RiemannianAdam on a ManifoldParameter, run until the Riemannian
+    gradient norm falls below a tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import geoopt
+import numpy as np
+import pymanopt
+import torch
+from torch import Tensor
+
+from nearest_etf.declarative import Inputs, Objective
+
+__all__ = ["RiemannianAdam", "TrustRegions"]
+
+
+def _pymanopt_manifold(manifold: geoopt.Manifold, shape: torch.Size) -> pymanopt.manifolds.manifold.Manifold:
+    """The pymanopt manifold matching a geoopt one at points of the given shape."""
+    if isinstance(manifold, geoopt.Stiefel) and len(shape) == 2:
+        return pymanopt.manifolds.Stiefel(*shape)
+    if isinstance(manifold, geoopt.Sphere) and len(shape) == 1:
+        return pymanopt.manifolds.Sphere(*shape)
+    if isinstance(manifold, geoopt.Euclidean):
+        return pymanopt.manifolds.Euclidean(*shape)
+    raise TypeError(
+        f"TrustRegions supports geoopt.Stiefel with [d, K] points, geoopt.Sphere with vectors and "
+        f"geoopt.Euclidean; got {type(manifold).__name__} with points of shape {tuple(shape)}"
+    )
+
+
+def _require_start(y0: Tensor | None, solver: str) -> Tensor:
+    if y0 is None:
+        raise ValueError(f"{solver} needs an initial point y0 on the manifold")
+    return y0
+
+
+@dataclass(frozen=True)
+class TrustRegions:
+    """pymanopt's Riemannian trust-region solver (Absil, Baker, Gallivan 2007).
+
+    `max_iterations=30` matches the nearest-ETF reference code; raise it (and lower
+    `min_gradient_norm`) for a converged run. The problem is solved in float64 NumPy and the
+    result returned in y0's dtype and device.
+    """
+
+    max_iterations: int = 30
+    min_gradient_norm: float = 1e-6
+    verbosity: int = 0
+
+    def __call__(
+        self, objective: Objective, manifold: geoopt.Manifold, x: Inputs, y0: Tensor | None
+    ) -> Tensor:
+        y0 = _require_start(y0, "TrustRegions")
+        x64 = (
+            x.detach().double()
+            if isinstance(x, Tensor)
+            else tuple(t.detach().double() for t in x)
+        )
+        device = y0.device
+
+        def f(y: Tensor) -> Tensor:
+            return objective(x64, y)
+
+        egrad_fn = torch.func.grad(f)
+
+        def as_torch(a: np.ndarray) -> Tensor:
+            return torch.as_tensor(a, dtype=torch.float64, device=device)
+
+        pm = _pymanopt_manifold(manifold, y0.shape)
+
+        @pymanopt.function.numpy(pm)
+        def cost(y: np.ndarray) -> float:
+            return float(f(as_torch(y)))
+
+        @pymanopt.function.numpy(pm)
+        def euclidean_gradient(y: np.ndarray) -> np.ndarray:
+            return egrad_fn(as_torch(y)).cpu().numpy()
+
+        @pymanopt.function.numpy(pm)
+        def euclidean_hessian(y: np.ndarray, xi: np.ndarray) -> np.ndarray:
+            _, hv = torch.func.jvp(egrad_fn, (as_torch(y),), (as_torch(xi),))
+            return hv.cpu().numpy()
+
+        problem = pymanopt.Problem(
+            pm, cost, euclidean_gradient=euclidean_gradient, euclidean_hessian=euclidean_hessian
+        )
+        optimizer = pymanopt.optimizers.TrustRegions(
+            max_iterations=self.max_iterations,
+            min_gradient_norm=self.min_gradient_norm,
+            verbosity=self.verbosity,
+        )
+        with torch.enable_grad():
+            result = optimizer.run(problem, initial_point=y0.detach().double().cpu().numpy())
+        return torch.as_tensor(result.point, dtype=y0.dtype, device=device)
+
+
+@dataclass(frozen=True)
+class RiemannianAdam:
+    """geoopt's RiemannianAdam (Becigneul & Ganea 2019) run to a gradient-norm tolerance.
+
+    Steps until ||grad_R f(y)|| <= gtol or `max_iterations`; the learning rate decays
+    geometrically by `lr_decay` per step (Adam alone oscillates around a minimiser).
+    """
+
+    lr: float = 1e-2
+    lr_decay: float = 0.998
+    gtol: float = 1e-6
+    max_iterations: int = 5000
+
+    def __call__(
+        self, objective: Objective, manifold: geoopt.Manifold, x: Inputs, y0: Tensor | None
+    ) -> Tensor:
+        y0 = _require_start(y0, "RiemannianAdam")
+        x = x.detach() if isinstance(x, Tensor) else tuple(t.detach() for t in x)
+        y = geoopt.ManifoldParameter(manifold.projx(y0.detach().clone()), manifold=manifold)
+        optimizer = geoopt.optim.RiemannianAdam([y], lr=self.lr)
+        schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.lr_decay)
+        with torch.enable_grad():
+            for _ in range(self.max_iterations):
+                optimizer.zero_grad()
+                objective(x, y).backward()
+                if float(manifold.egrad2rgrad(y.detach(), y.grad).norm()) <= self.gtol:
+                    break
+                optimizer.step()
+                schedule.step()
+        return y.detach().clone()
