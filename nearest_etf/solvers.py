@@ -107,14 +107,16 @@ class TrustRegions:
 class RiemannianAdam:
     """geoopt's RiemannianAdam (Becigneul & Ganea 2019) run to a gradient-norm tolerance.
 
-    Steps until ||grad_R f(y)|| <= gtol or `max_iterations`; the learning rate decays
-    geometrically by `lr_decay` per step (Adam alone oscillates around a minimiser).
+    Steps until ||grad_R f(y)|| <= gtol or `max_iterations`. Adam at a fixed step oscillates
+    around a minimiser, so the learning rate is multiplied by `lr_factor` whenever the gradient
+    norm has not improved for `patience` steps (torch's ReduceLROnPlateau).
     """
 
-    lr: float = 1e-2
-    lr_decay: float = 0.998
+    lr: float = 3e-2
+    lr_factor: float = 0.5
+    patience: int = 20
     gtol: float = 1e-6
-    max_iterations: int = 5000
+    max_iterations: int = 10000
 
     def __call__(
         self, objective: Objective, manifold: geoopt.Manifold, x: Inputs, y0: Tensor | None
@@ -123,13 +125,16 @@ class RiemannianAdam:
         x = x.detach() if isinstance(x, Tensor) else tuple(t.detach() for t in x)
         y = geoopt.ManifoldParameter(manifold.projx(y0.detach().clone()), manifold=manifold)
         optimizer = geoopt.optim.RiemannianAdam([y], lr=self.lr)
-        schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.lr_decay)
+        schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=self.lr_factor, patience=self.patience
+        )
         with torch.enable_grad():
             for _ in range(self.max_iterations):
                 optimizer.zero_grad()
                 objective(x, y).backward()
-                if float(manifold.egrad2rgrad(y.detach(), y.grad).norm()) <= self.gtol:
+                grad_norm = float(manifold.egrad2rgrad(y.detach(), y.grad).norm())
+                if grad_norm <= self.gtol:
                     break
                 optimizer.step()
-                schedule.step()
+                schedule.step(grad_norm)
         return y.detach().clone()
