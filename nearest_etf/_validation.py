@@ -54,7 +54,7 @@ def check_stiefel(name: str, U: object, shape: torch.Size, dtype: torch.dtype, a
     if U.dtype != dtype:
         raise TypeError(f"{name} has dtype {U.dtype} but H has {dtype}")
     eye = torch.eye(shape[-1], dtype=dtype, device=U.device)
-    err = (U.mT @ U - eye).abs().amax()
+    err = (U.detach().mT @ U.detach() - eye).abs().amax()
     if float(err) > atol:
         raise ValueError(
             f"{name} must have orthonormal columns (U^T U = I); max |U^T U - I| = {float(err):.3g}"

@@ -35,6 +35,7 @@ def simplex_etf(
     K: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> Tensor:
     """The canonical simplex ETF M_K = sqrt(K/(K-1)) (I_K - 1 1^T / K). Shape [K, K]."""
+    _check_num_classes(K)
     return math.sqrt(K / (K - 1)) * centering_matrix(K, dtype=dtype, device=device)
 
 
