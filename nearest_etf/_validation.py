@@ -33,7 +33,9 @@ def check_class_means(H: object) -> Tensor:
     """H[..., d, K] with K >= 2, d >= K, finite, and nonzero Frobenius norm per problem."""
     H = check_float_tensor("H", H)
     if H.ndim < 2:
-        raise ValueError(f"H must have shape [..., d, K] (class means as columns), got {tuple(H.shape)}")
+        raise ValueError(
+            f"H must have shape [..., d, K] (class means as columns), got {tuple(H.shape)}"
+        )
     d, K = H.shape[-2:]
     if K < 2:
         raise ValueError(f"H has K={K} columns; a simplex ETF needs K >= 2 classes")
@@ -46,7 +48,9 @@ def check_class_means(H: object) -> Tensor:
     return H
 
 
-def check_stiefel(name: str, U: object, shape: torch.Size, dtype: torch.dtype, atol: float = 1e-3) -> Tensor:
+def check_stiefel(
+    name: str, U: object, shape: torch.Size, dtype: torch.dtype, atol: float = 1e-3
+) -> Tensor:
     """U with the given shape/dtype and orthonormal columns: max |U^T U - I| <= atol."""
     U = check_float_tensor(name, U)
     if U.shape != shape:

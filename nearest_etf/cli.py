@@ -17,7 +17,7 @@ _COMMANDS = (demo,)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nearest-etf",
-        description="Nearest simplex-ETF solvers, declarative nodes and neural-collapse experiments.",
+        description="Nearest simplex-ETF solvers, declarative nodes, neural-collapse experiments.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in _COMMANDS:

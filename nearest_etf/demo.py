@@ -50,9 +50,13 @@ def run_demo(d: int, K: int, seed: int) -> list[dict[str, object]]:
 def _print_table(rows: list[dict[str, object]], d: int, K: int) -> None:
     print(f"nearest ETF, d={d}, K={K}, float64 (errors against procrustes + analytic)")
     print(f"{'stage':<9}{'method':<17}{'time [ms]':>11}  error")
-    print(f"{'':<9}{'':<17}{'':>11}  (forward: relative objective gap, backward: relative grad error)")
+    print(
+        f"{'':<9}{'':<17}{'':>11}  (forward: relative objective gap, backward: relative grad error)"
+    )
     for row in rows:
-        print(f"{row['stage']:<9}{row['method']:<17}{1e3 * row['seconds']:>11.2f}  {row['error']:.2e}")
+        print(
+            f"{row['stage']:<9}{row['method']:<17}{1e3 * row['seconds']:>11.2f}  {row['error']:.2e}"
+        )
 
 
 def main(args: argparse.Namespace) -> None:

@@ -20,7 +20,12 @@ import geoopt
 import torch
 from torch import Tensor
 
-from nearest_etf._validation import check_choice, check_class_means, check_nonnegative, check_stiefel
+from nearest_etf._validation import (
+    check_choice,
+    check_class_means,
+    check_nonnegative,
+    check_stiefel,
+)
 from nearest_etf.declarative import DeclarativeNode, Inputs, Solver
 from nearest_etf.etf import centering_matrix
 from nearest_etf.polar import polar
@@ -40,7 +45,9 @@ def procrustes_target(Hn: Tensor, prox: Tensor | None, delta: float) -> Tensor:
     return A if prox is None else A + delta * prox
 
 
-def nearest_etf_objective(Hn: Tensor, U: Tensor, prox: Tensor | None = None, delta: float = 1e-3) -> Tensor:
+def nearest_etf_objective(
+    Hn: Tensor, U: Tensor, prox: Tensor | None = None, delta: float = 1e-3
+) -> Tensor:
     """||Hn - U M_K / sqrt(K)||^2 + (delta/2) ||U - prox||^2 (the prox term only with a prox),
     summed over leading batch dimensions. Hn, U, prox [..., d, K]."""
     K = U.shape[-1]
@@ -55,7 +62,9 @@ def _objective(delta: float, x: Inputs, U: Tensor) -> Tensor:
     return nearest_etf_objective(Hn, U, prox[0] if prox else None, delta)
 
 
-def _procrustes(delta: float, objective: object, manifold: object, x: Inputs, y0: Tensor | None) -> Tensor:
+def _procrustes(
+    delta: float, objective: object, manifold: object, x: Inputs, y0: Tensor | None
+) -> Tensor:
     """The closed-form solver in the `Solver` form: polar(A) (no autograd here)."""
     Hn, *prox = x
     return polar(procrustes_target(Hn, prox[0] if prox else None, delta))
@@ -64,7 +73,9 @@ def _procrustes(delta: float, objective: object, manifold: object, x: Inputs, y0
 def _named_solver(solver: str | Solver, delta: float) -> Solver:
     if not isinstance(solver, str):
         if not callable(solver):
-            raise TypeError(f"solver must be a name or a callable Solver, got {type(solver).__name__}")
+            raise TypeError(
+                f"solver must be a name or a callable Solver, got {type(solver).__name__}"
+            )
         return solver
     check_choice("solver", solver, SOLVERS)
     if solver == "procrustes":
@@ -80,7 +91,7 @@ def _start_point(Hn: Tensor, prox: Tensor | None) -> Tensor:
     return torch.eye(d, K, dtype=Hn.dtype, device=Hn.device)
 
 
-def _map_problems(fn, Hn: Tensor, prox: Tensor | None) -> Tensor:  # noqa: ANN001
+def _map_problems(fn, Hn: Tensor, prox: Tensor | None) -> Tensor:
     """Apply fn(Hn_i, prox_i) -> U_i to each problem of a batch [..., d, K] and restack."""
     shape = Hn.shape
     Hs = Hn.reshape(-1, *shape[-2:]).unbind(0)
@@ -135,7 +146,9 @@ def nearest_etf(
         else:
             with torch.no_grad():
                 found = _map_problems(
-                    lambda h, p: solve(objective, manifold, inputs(h, p), _start_point(h, p)), Hn, prox
+                    lambda h, p: solve(objective, manifold, inputs(h, p), _start_point(h, p)),
+                    Hn,
+                    prox,
                 )
             U = polar(A, found)
     else:

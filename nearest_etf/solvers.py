@@ -23,7 +23,9 @@ from nearest_etf.declarative import Inputs, Objective
 __all__ = ["RiemannianAdam", "TrustRegions"]
 
 
-def _pymanopt_manifold(manifold: geoopt.Manifold, shape: torch.Size) -> pymanopt.manifolds.manifold.Manifold:
+def _pymanopt_manifold(
+    manifold: geoopt.Manifold, shape: torch.Size
+) -> pymanopt.manifolds.manifold.Manifold:
     """The pymanopt manifold matching a geoopt one at points of the given shape."""
     if isinstance(manifold, geoopt.Stiefel) and len(shape) == 2:
         return pymanopt.manifolds.Stiefel(*shape)
@@ -61,9 +63,7 @@ class TrustRegions:
     ) -> Tensor:
         y0 = _require_start(y0, "TrustRegions")
         x64 = (
-            x.detach().double()
-            if isinstance(x, Tensor)
-            else tuple(t.detach().double() for t in x)
+            x.detach().double() if isinstance(x, Tensor) else tuple(t.detach().double() for t in x)
         )
         device = y0.device
 

@@ -14,7 +14,9 @@ def test_simplex_etf_properties(K: int) -> None:
     off = gram[~torch.eye(K, dtype=torch.bool)]
     torch.testing.assert_close(off, torch.full_like(off, -1 / (K - 1)))
     assert torch.linalg.matrix_rank(M) == K - 1
-    torch.testing.assert_close(M @ torch.ones(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64))
+    torch.testing.assert_close(
+        M @ torch.ones(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
+    )
     assert math.isclose(float(M.square().sum()), K, rel_tol=1e-12)
 
 
@@ -28,7 +30,9 @@ def test_etf_classifier_is_rotated_etf() -> None:
     U = random_stiefel(9, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     W = etf_classifier(U)
     assert W.shape == (4, 9)
-    torch.testing.assert_close(W @ W.T, simplex_etf(4, dtype=torch.float64).T @ simplex_etf(4, dtype=torch.float64))
+    torch.testing.assert_close(
+        W @ W.T, simplex_etf(4, dtype=torch.float64).T @ simplex_etf(4, dtype=torch.float64)
+    )
 
 
 def test_etf_classifier_batched() -> None:
