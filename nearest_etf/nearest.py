@@ -14,6 +14,7 @@ carries no gradient.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import geoopt
@@ -26,7 +27,7 @@ from nearest_etf._validation import (
     check_nonnegative,
     check_stiefel,
 )
-from nearest_etf.declarative import DeclarativeNode, Inputs, Solver
+from nearest_etf.declarative import DeclarativeNode, Inputs, Objective, Solver
 from nearest_etf.etf import centering_matrix
 from nearest_etf.polar import polar
 from nearest_etf.solvers import RiemannianAdam, TrustRegions
@@ -63,7 +64,7 @@ def _objective(delta: float, x: Inputs, U: Tensor) -> Tensor:
 
 
 def _procrustes(
-    delta: float, objective: object, manifold: object, x: Inputs, y0: Tensor | None
+    delta: float, objective: Objective, manifold: geoopt.Manifold, x: Inputs, y0: Tensor | None
 ) -> Tensor:
     """The closed-form solver in the `Solver` form: polar(A) (no autograd here)."""
     Hn, *prox = x
@@ -91,7 +92,9 @@ def _start_point(Hn: Tensor, prox: Tensor | None) -> Tensor:
     return torch.eye(d, K, dtype=Hn.dtype, device=Hn.device)
 
 
-def _map_problems(fn, Hn: Tensor, prox: Tensor | None) -> Tensor:
+def _map_problems(
+    fn: Callable[[Tensor, Tensor | None], Tensor], Hn: Tensor, prox: Tensor | None
+) -> Tensor:
     """Apply fn(Hn_i, prox_i) -> U_i to each problem of a batch [..., d, K] and restack."""
     shape = Hn.shape
     Hs = Hn.reshape(-1, *shape[-2:]).unbind(0)

@@ -39,14 +39,26 @@ def _pymanopt_manifold(
     )
 
 
-def _require_start(y0: Tensor | None, solver: str) -> Tensor:
-    if y0 is None:
-        raise ValueError(f"{solver} needs an initial point y0 on the manifold")
-    return y0
+class _IterativeSolver:
+    """The `Solver` call shared by the iterative solvers: checks the start point, detaches the
+    inputs, and hands over to `_run`."""
+
+    def __call__(
+        self, objective: Objective, manifold: geoopt.Manifold, x: Inputs, y0: Tensor | None
+    ) -> Tensor:
+        if y0 is None:
+            raise ValueError(f"{type(self).__name__} needs an initial point y0 on the manifold")
+        x = x.detach() if isinstance(x, Tensor) else tuple(t.detach() for t in x)
+        return self._run(objective, manifold, x, y0.detach())
+
+    def _run(
+        self, objective: Objective, manifold: geoopt.Manifold, x: Inputs, y0: Tensor
+    ) -> Tensor:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class TrustRegions:
+class TrustRegions(_IterativeSolver):
     """pymanopt's Riemannian trust-region solver (Absil, Baker, Gallivan 2007).
 
     `max_iterations=30` matches the nearest-ETF reference code; raise it (and lower
@@ -58,13 +70,10 @@ class TrustRegions:
     min_gradient_norm: float = 1e-6
     verbosity: int = 0
 
-    def __call__(
-        self, objective: Objective, manifold: geoopt.Manifold, x: Inputs, y0: Tensor | None
+    def _run(
+        self, objective: Objective, manifold: geoopt.Manifold, x: Inputs, y0: Tensor
     ) -> Tensor:
-        y0 = _require_start(y0, "TrustRegions")
-        x64 = (
-            x.detach().double() if isinstance(x, Tensor) else tuple(t.detach().double() for t in x)
-        )
+        x64 = x.double() if isinstance(x, Tensor) else tuple(t.double() for t in x)
         device = y0.device
 
         def f(y: Tensor) -> Tensor:
@@ -99,12 +108,12 @@ class TrustRegions:
             verbosity=self.verbosity,
         )
         with torch.enable_grad():
-            result = optimizer.run(problem, initial_point=y0.detach().double().cpu().numpy())
+            result = optimizer.run(problem, initial_point=y0.double().cpu().numpy())
         return torch.as_tensor(result.point, dtype=y0.dtype, device=device)
 
 
 @dataclass(frozen=True)
-class RiemannianAdam:
+class RiemannianAdam(_IterativeSolver):
     """geoopt's RiemannianAdam (Becigneul & Ganea 2019) run to a gradient-norm tolerance.
 
     Steps until ||grad_R f(y)|| <= gtol or `max_iterations`. Adam at a fixed step oscillates
@@ -118,12 +127,10 @@ class RiemannianAdam:
     gtol: float = 1e-6
     max_iterations: int = 10000
 
-    def __call__(
-        self, objective: Objective, manifold: geoopt.Manifold, x: Inputs, y0: Tensor | None
+    def _run(
+        self, objective: Objective, manifold: geoopt.Manifold, x: Inputs, y0: Tensor
     ) -> Tensor:
-        y0 = _require_start(y0, "RiemannianAdam")
-        x = x.detach() if isinstance(x, Tensor) else tuple(t.detach() for t in x)
-        y = geoopt.ManifoldParameter(manifold.projx(y0.detach().clone()), manifold=manifold)
+        y = geoopt.ManifoldParameter(manifold.projx(y0.clone()), manifold=manifold)
         optimizer = geoopt.optim.RiemannianAdam([y], lr=self.lr)
         schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=self.lr_factor, patience=self.patience
