@@ -21,13 +21,27 @@ dominates), with G_L = (Z_L - Y)/N:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["DUFMProblem", "LossParts"]
+__all__ = ["DUFMProblem", "LossParts", "one_torch_thread"]
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch single-threaded inside the block (restoring the thread count after): for these
+    tiny matrices threading only adds overhead, and torch's threads spinning beside scipy's BLAS
+    slows L-BFGS by orders of magnitude on 2 cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
@@ -139,9 +153,10 @@ class DUFMProblem:
         return LossParts(float(fit), float(reg))
 
     def loss_and_grad(
-        self, params: Sequence[Tensor], columns: Tensor | None = None
-    ) -> tuple[LossParts, list[Tensor]]:
-        """Loss parts and explicit gradients [dH_1, dW_1, ..., dW_L] (no autograd).
+        self, params: Sequence[Tensor], columns: Tensor | None = None, with_loss: bool = True
+    ) -> tuple[LossParts | None, list[Tensor]]:
+        """Loss parts (None unless ``with_loss``) and explicit gradients
+        [dH_1, dW_1, ..., dW_L] (no autograd).
 
         With ``columns`` (sample indices, for mini-batch SGD) the fit term is
         1/(2B) ||(output - Y)[:, columns]||^2 over the B chosen samples (an unbiased estimate of
@@ -157,10 +172,13 @@ class DUFMProblem:
             hs.append(z.clamp_min(0))
         residual = weights[-1] @ hs[-1] - y
         batch = residual.shape[1]
-        fit = float((residual * residual).sum()) / (2 * batch)
-        reg = self.lambda_h / 2 * float((H1 * H1).sum()) + sum(
-            lam / 2 * float((W * W).sum()) for lam, W in zip(self.lambda_w, weights, strict=True)
-        )
+        parts = None
+        if with_loss:
+            reg = self.lambda_h / 2 * float((H1 * H1).sum()) + sum(
+                lam / 2 * float((W * W).sum())
+                for lam, W in zip(self.lambda_w, weights, strict=True)
+            )
+            parts = LossParts(float((residual * residual).sum()) / (2 * batch), reg)
         g = residual / batch
         grads_w = [g @ hs[-1].T + self.lambda_w[-1] * weights[-1]]
         g = weights[-1].T @ g
@@ -169,8 +187,5 @@ class DUFMProblem:
             grads_w.append(g @ hs[layer].T + self.lambda_w[layer] * weights[layer])
             g = weights[layer].T @ g
         grad_h = self.lambda_h * H1
-        if columns is None:
-            grad_h = grad_h + g
-        else:
-            grad_h = grad_h.index_add(1, columns, g)
-        return LossParts(fit, reg), [grad_h, *reversed(grads_w)]
+        grad_h = grad_h + g if columns is None else grad_h.index_add(1, columns, g)
+        return parts, [grad_h, *reversed(grads_w)]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from nearest_etf.dufm.model import DUFMProblem, LossParts
+from nearest_etf.dufm.model import DUFMProblem, LossParts, one_torch_thread
 
 __all__ = ["OPTIMIZERS", "TrainConfig", "TrainResult", "train_dufm"]
 
@@ -114,6 +114,11 @@ def train_dufm(config: TrainConfig, progress: bool = False) -> TrainResult:
     Stops early (``diverged=True``) if the loss becomes non-finite. The loss is recorded every
     ``record_every`` steps and at the last step.
     """
+    with one_torch_thread():
+        return _train(config, progress)
+
+
+def _train(config: TrainConfig, progress: bool) -> TrainResult:
     problem = config.problem()
     params = problem.init(config.seed, config.init_scale)
     optimizer = _optimizer(config, params)
@@ -125,8 +130,9 @@ def train_dufm(config: TrainConfig, progress: bool = False) -> TrainResult:
         columns = None
         if config.optimizer == "sgd":
             columns = torch.randperm(problem.num_samples, generator=batch_gen)[: config.batch_size]
-        parts, grads = problem.loss_and_grad(params, columns)
-        if step % config.record_every == 0 or step == config.steps:
+        record = step % config.record_every == 0 or step == config.steps
+        parts, grads = problem.loss_and_grad(params, columns, with_loss=record)
+        if record:
             if columns is not None:
                 parts = problem.loss_parts(params)
             result.steps.append(step)
