@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from nearest_etf import demo
+from nearest_etf import demo, dufm
 
-_COMMANDS = (demo,)
+_COMMANDS = (demo, dufm)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,106 @@
+"""One DUFM experiment end to end: train, evaluate references, analyse layers, write outputs."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from nearest_etf.dufm.analysis import DEFAULT_RANK_RTOL, analyse_layers, hidden_ranks, is_dnc
+from nearest_etf.dufm.model import DUFMProblem
+from nearest_etf.dufm.reference import ReferenceLosses, reference_losses
+from nearest_etf.dufm.train import TrainConfig, TrainResult, train_dufm
+
+__all__ = ["cached_reference_losses", "run_and_summarise", "run_experiment", "summarise"]
+
+
+@functools.lru_cache(maxsize=64)
+def _references(
+    layers: int, classes: int, width: int, per_class: int, lambda_h: float, lambda_w: tuple
+) -> ReferenceLosses:
+    return reference_losses(DUFMProblem(layers, classes, width, per_class, lambda_h, lambda_w))
+
+
+def cached_reference_losses(problem: DUFMProblem) -> ReferenceLosses:
+    """`reference_losses` memoised per (L, K, d, n, lambdas) within the process (float64)."""
+    return _references(
+        problem.layers,
+        problem.classes,
+        problem.width,
+        problem.per_class,
+        problem.lambda_h,
+        problem.lambda_w,
+    )
+
+
+def summarise(
+    result: TrainResult, refs: ReferenceLosses, rank_rtol: float = DEFAULT_RANK_RTOL
+) -> dict:
+    """Flat summary of a run: config, loss split, references, ranks of H_1..H_L, DNC flag.
+
+    inner_rank = mean numerical rank of the class means of H_1..H_{L-1}.
+    """
+    problem = result.config.problem()
+    stats = analyse_layers(problem, result.params, rank_rtol)
+    ranks = hidden_ranks(stats)
+    inner = [ranks[f"H{layer}"] for layer in range(1, problem.layers)]
+    final = result.final
+    return {
+        **asdict(result.config),
+        "fit": final.fit,
+        "reg": final.reg,
+        "loss": final.total,
+        "dnc_loss": refs.dnc,
+        "srg_loss": refs.srg,
+        "loss_over_dnc": final.total / refs.dnc,
+        **{f"rank_{name}": rank for name, rank in ranks.items()},
+        "inner_rank": sum(inner) / len(inner),
+        "found_dnc": is_dnc(stats, problem.classes),
+        "rank_rtol": rank_rtol,
+        "diverged": result.diverged,
+        "seconds": result.seconds,
+    }
+
+
+def run_and_summarise(config: TrainConfig, rank_rtol: float = DEFAULT_RANK_RTOL) -> dict:
+    """Train one configuration and return its `summarise` row (the sweep's unit of work)."""
+    result = train_dufm(config)
+    return summarise(result, cached_reference_losses(config.problem()), rank_rtol)
+
+
+def run_experiment(
+    config: TrainConfig, out: Path, rank_rtol: float = DEFAULT_RANK_RTOL, progress: bool = True
+) -> dict:
+    """Train with a progress bar and write to ``out``: loss_curve.csv, layers.csv,
+    summary.json, loss_curve.png and singular_values.png. Returns the summary."""
+    from nearest_etf.dufm.plots import plot_loss_curve, plot_singular_values
+
+    out.mkdir(parents=True, exist_ok=True)
+    result = train_dufm(config, progress=progress)
+    problem = config.problem()
+    refs = cached_reference_losses(problem)
+    stats = analyse_layers(problem, result.params, rank_rtol)
+    summary = summarise(result, refs, rank_rtol)
+    summary["srg_construction_loss"] = refs.srg_construction
+    summary["srg_over_dnc"] = refs.srg_over_dnc
+    summary["layers_analysis"] = [s.to_dict() for s in stats]
+    with open(out / "loss_curve.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "fit", "reg", "loss"])
+        for step, fit, reg in zip(result.steps, result.fit, result.reg, strict=True):
+            writer.writerow([step, fit, reg, fit + reg])
+    with open(out / "layers.csv", "w", newline="") as f:
+        fields = ["name", "rank", "effective_rank", "nc1", "etf_distance"]
+        fields += ["orthogonal_frame_distance", "singular_values"]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for s in stats:
+            row = s.to_dict()
+            row["singular_values"] = " ".join(f"{v:.6g}" for v in s.singular_values)
+            writer.writerow(row)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_loss_curve(result, refs, out / "loss_curve.png")
+    plot_singular_values(stats, rank_rtol, out / "singular_values.png")
+    return summary
