@@ -322,3 +322,15 @@ def test_paper_setting_reaches_low_rank_below_dnc():
     assert result.final.total < dnc_loss(problem)
     assert max(ranks[f"H{layer}"] for layer in (1, 2, 3)) < 10
     assert math.isfinite(result.final.total)
+
+
+def test_analysis_of_a_dead_layer_is_nan_not_an_error():
+    problem = DUFMProblem(3, 3, 4)
+    params = problem.init(0, 0.5)
+    params[1] = torch.zeros_like(params[1])  # H_2 = ReLU(0) = 0
+    stats = {s.name: s for s in analyse_layers(problem, params)}
+    assert stats["H2"].rank == 0
+    assert math.isnan(stats["H2"].etf_distance) and math.isnan(stats["H2"].nc1)
+    constant = [torch.ones(4, 3, dtype=F64), *params[1:]]  # every class mean equal
+    stats = {s.name: s for s in analyse_layers(problem, constant)}
+    assert stats["H1"].rank == 1 and math.isnan(stats["H1"].etf_distance)

@@ -5,7 +5,8 @@ then the output Z_L), with class means M [K, d] (uncentred, rows = classes):
 singular values of M, numerical rank #{s_i > rtol s_max}, effective rank, NC1 (pseudo-inverse
 cut-off rtol^2 relative to the top eigenvalue of Sigma_B, whose eigenvalues are squared singular
 values), distance to a simplex ETF of the centred means and to an orthogonal frame of M
-(formulas in nearest_etf.metrics).
+(formulas in nearest_etf.metrics). Undefined entries (all class means equal, e.g. a dead
+layer) are NaN.
 """
 
 from __future__ import annotations
@@ -59,14 +60,17 @@ def analyse_layers(
         means, _ = class_means(features, problem.labels, K)
         s = singular_values(means)
         zero = float(s[0]) == 0.0
+        collapsed = bool((means == means[0]).all())  # one point: no ETF / centred Gram
         stats.append(
             LayerStats(
                 name=name,
                 singular_values=[float(v) for v in s],
                 rank=numerical_rank(means, rtol),
                 effective_rank=math.nan if zero else effective_rank(means),
-                nc1=math.nan if zero else float(nc1(features, problem.labels, K, rtol=rtol**2)),
-                etf_distance=math.nan if zero else float(etf_distance(means)),
+                nc1=(
+                    math.nan if collapsed else float(nc1(features, problem.labels, K, rtol=rtol**2))
+                ),
+                etf_distance=math.nan if collapsed else float(etf_distance(means)),
                 orthogonal_frame_distance=(
                     math.nan if zero else float(orthogonal_frame_distance(means))
                 ),
