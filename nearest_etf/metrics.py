@@ -113,11 +113,12 @@ def effective_rank(M: Tensor) -> float:
 def _normalised_gram(means: Tensor) -> Tensor:
     if means.ndim != 2 or means.shape[0] < 2:
         raise ValueError(f"means must have shape [K, d] with K >= 2, got {tuple(means.shape)}")
-    gram = means @ means.T
-    norm = torch.linalg.matrix_norm(gram)
-    if float(norm) == 0.0:
+    peak = means.abs().max()
+    if float(peak) == 0.0:
         raise ValueError("all class means coincide (zero Gram matrix): distance undefined")
-    return gram / norm
+    scaled = means / peak  # the normalised Gram is scale invariant; this avoids underflow
+    gram = scaled @ scaled.T
+    return gram / torch.linalg.matrix_norm(gram)
 
 
 def etf_distance(means: Tensor, global_mean: Tensor | None = None) -> Tensor:

@@ -334,3 +334,10 @@ def test_analysis_of_a_dead_layer_is_nan_not_an_error():
     constant = [torch.ones(4, 3, dtype=F64), *params[1:]]  # every class mean equal
     stats = {s.name: s for s in analyse_layers(problem, constant)}
     assert stats["H1"].rank == 1 and math.isnan(stats["H1"].etf_distance)
+
+
+def test_analysis_of_nearly_identical_class_means_is_nan():
+    problem = DUFMProblem(2, 3, 3)
+    H1 = torch.ones(3, 3, dtype=F64) + 1e-15 * torch.eye(3, dtype=F64)
+    stats = analyse_layers(problem, [H1, *problem.init(0, 0.5)[1:]])
+    assert math.isnan(stats[0].etf_distance)

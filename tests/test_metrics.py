@@ -121,3 +121,9 @@ def test_bad_inputs_raise():
         etf_distance(torch.ones(3, 4))
     with pytest.raises(ValueError, match="matrix"):
         singular_values(torch.ones(3))
+
+
+def test_distances_do_not_underflow_for_tiny_means():
+    means = 1e-200 * simplex_etf(4, dtype=F64)
+    assert float(etf_distance(means)) < 1e-12
+    assert float(orthogonal_frame_distance(1e-200 * torch.eye(3, dtype=F64))) < 1e-12

@@ -5,8 +5,8 @@ then the output Z_L), with class means M [K, d] (uncentred, rows = classes):
 singular values of M, numerical rank #{s_i > rtol s_max}, effective rank, NC1 (pseudo-inverse
 cut-off rtol^2 relative to the top eigenvalue of Sigma_B, whose eigenvalues are squared singular
 values), distance to a simplex ETF of the centred means and to an orthogonal frame of M
-(formulas in nearest_etf.metrics). Undefined entries (all class means equal, e.g. a dead
-layer) are NaN.
+(formulas in nearest_etf.metrics). Undefined entries (all class means equal up to
+||Mbar|| <= 1e-12 ||M||, e.g. a dead layer) are NaN.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import Tensor
 
 from nearest_etf.dufm.model import DUFMProblem
@@ -31,6 +32,7 @@ from nearest_etf.metrics import (
 __all__ = ["DEFAULT_RANK_RTOL", "LayerStats", "analyse_layers", "hidden_ranks", "is_dnc"]
 
 DEFAULT_RANK_RTOL = 1e-2
+_COLLAPSED_RTOL = 1e-12  # centred means this small (relative) count as one point
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ def analyse_layers(
         means, _ = class_means(features, problem.labels, K)
         s = singular_values(means)
         zero = float(s[0]) == 0.0
-        collapsed = bool((means == means[0]).all())  # one point: no ETF / centred Gram
+        spread = torch.linalg.matrix_norm(means - means.mean(dim=0))
+        collapsed = float(spread) <= _COLLAPSED_RTOL * float(torch.linalg.matrix_norm(means))
         stats.append(
             LayerStats(
                 name=name,

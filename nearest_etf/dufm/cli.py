@@ -150,6 +150,7 @@ def _sweep(args: argparse.Namespace) -> None:
         workers=args.workers,
         srg_layers=args.srg_layers,
         srg_r=[] if args.no_srg else args.srg_r,
+        srg_wd=args.srg_wd,
         rank_rtol=args.rank_rtol,
     )
     keys = ("runs", "found_dnc", "below_dnc", "mean_inner_rank", "figures")
@@ -179,6 +180,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=_list_of(int),
         default=list(range(3, 9)),
         help="r values (K = r(r-1)/2) for the L_SRG/L_DNC curve, e.g. 3:9",
+    )
+    sweep.add_argument(
+        "--srg-wd",
+        type=float,
+        default=0.004,
+        help="lambda (all regularisers) of the L_SRG/L_DNC curve",
     )
     sweep.add_argument("--no-srg", action="store_true", help="skip the L_SRG/L_DNC curve")
     sweep.set_defaults(func=_sweep)

@@ -142,11 +142,12 @@ def run_sweep(
     workers: int | None = None,
     srg_layers: Sequence[int] = (3, 4, 5),
     srg_r: Sequence[int] = (),
+    srg_wd: float = 0.004,
     rank_rtol: float = DEFAULT_RANK_RTOL,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every configuration of ``grid`` (and the SRG ratio for ``srg_layers`` x ``srg_r`` at
-    lambda = grid.base.wd), writing runs.csv, srg_ratio.csv, sweep.json and the plots whose
+    every lambda = ``srg_wd``), writing runs.csv, srg_ratio.csv, sweep.json and the plots whose
     axis varies: rank_vs_wd.png, dnc_probability_vs_width.png, srg_ratio.png."""
     from nearest_etf.dufm import plots
 
@@ -157,7 +158,7 @@ def run_sweep(
         map_unordered(_run_task, tasks, executor, workers), len(tasks), "dufm runs", progress
     )
     rows.sort(key=lambda row: tuple(str(row[k]) for k in ("layers", "classes", "width", "wd")))
-    srg_tasks = [(layers, r, grid.base.wd) for layers in srg_layers for r in srg_r]
+    srg_tasks = [(layers, r, srg_wd) for layers in srg_layers for r in srg_r]
     srg_rows = _collect(
         map_unordered(srg_ratio_row, srg_tasks, executor, workers),
         len(srg_tasks),
