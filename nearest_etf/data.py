@@ -1,0 +1,251 @@
+"""Offline classification data sets as tensors, and loaders for user-supplied image files.
+
+Built in (no download): "mnist1d" (generated locally by the `mnist1d` package's
+`make_dataset`, 4000 train / 1000 test signals of length 40), "digits" (scikit-learn's bundled
+8x8 digits, 1797 images), "gaussian" (a K-class Gaussian mixture). A directory is read as
+MNIST / Fashion-MNIST IDX files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, optionally ``.gz``) or CIFAR-10 python
+batches (``data_batch_1..5``, ``test_batch``, possibly in a ``cifar-10-batches-py`` subfolder).
+
+Inputs are standardised with the training split's statistics (per channel for images).
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "DataSplits",
+    "gaussian_mixture",
+    "load_cifar10",
+    "load_dataset",
+    "load_digits",
+    "load_idx_dataset",
+    "load_mnist1d",
+    "make_loader",
+    "read_idx",
+]
+
+BUILTIN_DATASETS = ("mnist1d", "digits", "gaussian")
+_IDX_NAMES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """Train/test tensors: x[N, ...] float32 (images [N, C, H, W], vectors [N, D]), y[N] int64."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def subset(self, train: int | None = None, test: int | None = None) -> DataSplits:
+        """The first `train` training and `test` test samples (None: all)."""
+        return DataSplits(
+            self.name,
+            self.x_train[:train],
+            self.y_train[:train],
+            self.x_test[:test],
+            self.y_test[:test],
+            self.num_classes,
+        )
+
+
+def _standardised(
+    name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+) -> DataSplits:
+    """Standardise with the training statistics (per channel for [N, C, H, W]) and wrap."""
+    axes = (0, 2, 3) if x_train.ndim == 4 else tuple(range(x_train.ndim))
+    x_train = x_train.astype(np.float64)
+    mean = x_train.mean(axis=axes, keepdims=True)
+    std = x_train.std(axis=axes, keepdims=True)
+    std = np.where(std > 0, std, 1.0)
+    y_all = np.concatenate([y_train, y_test])
+    if y_all.min() < 0:
+        raise ValueError(f"{name}: negative labels in the data")
+    return DataSplits(
+        name,
+        torch.from_numpy(((x_train - mean) / std).astype(np.float32)),
+        torch.from_numpy(y_train.astype(np.int64)),
+        torch.from_numpy(((x_test.astype(np.float64) - mean) / std).astype(np.float32)),
+        torch.from_numpy(y_test.astype(np.int64)),
+        int(y_all.max()) + 1,
+    )
+
+
+def load_mnist1d(num_samples: int = 5000, seed: int = 42) -> DataSplits:
+    """MNIST-1D generated locally with `mnist1d.data.make_dataset` (80/20 split; the package's
+    default arguments, `num_samples` and `seed` aside). Python's and NumPy's global random states
+    are restored afterwards (the package reseeds them)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = seed
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return _standardised("mnist1d", data["x"], data["y"], data["x_test"], data["y_test"])
+
+
+def _split(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> DataSplits:
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = round(test_fraction * len(y))
+    test, train = order[:n_test], order[n_test:]
+    return _standardised(name, x[train], y[train], x[test], y[test])
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> DataSplits:
+    """scikit-learn's bundled 8x8 digits (1797 x 64, 10 classes), a seeded random split."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    return _split("digits", bunch.data, bunch.target, test_fraction, seed)
+
+
+def gaussian_mixture(
+    num_classes: int = 10,
+    dim: int = 32,
+    samples_per_class: int = 200,
+    separation: float = 3.0,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> DataSplits:
+    """x = separation * m_y + noise, m_k ~ N(0, I/dim) class centres, noise ~ N(0, I)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((num_classes, dim)) / np.sqrt(dim)
+    y = np.repeat(np.arange(num_classes), samples_per_class)
+    x = separation * np.sqrt(dim) * centres[y] + rng.standard_normal((len(y), dim))
+    return _split("gaussian", x, y, test_fraction, seed)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (the MNIST format: 2 zero bytes, a type byte, a dimension count, big-endian
+    uint32 sizes, then the data), optionally gzip-compressed."""
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int(v) for v in np.frombuffer(raw[4:header], dtype=">u4"))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(
+            f"{path}: header says {shape} ({expected} bytes), file has "
+            f"{len(raw) - header} data bytes"
+        )
+    return np.frombuffer(raw[header:], dtype=dtype).reshape(shape)
+
+
+def _find(directory: Path, name: str) -> Path | None:
+    for candidate in (name, name + ".gz", name.replace("-idx", ".idx")):
+        if (directory / candidate).is_file():
+            return directory / candidate
+    return None
+
+
+def load_idx_dataset(directory: str | Path) -> DataSplits:
+    """MNIST or Fashion-MNIST from the four IDX files in `directory`; images [N, 1, 28, 28]."""
+    directory = Path(directory)
+    arrays = {}
+    for key, name in _IDX_NAMES.items():
+        path = _find(directory, name)
+        if path is None:
+            raise FileNotFoundError(f"{directory} has no {name}[.gz] (MNIST IDX layout)")
+        arrays[key] = read_idx(path)
+    x_train, x_test = (arrays[k][:, None].astype(np.float64) / 255 for k in ("x_train", "x_test"))
+    return _standardised(
+        directory.name or "idx", x_train, arrays["y_train"], x_test, arrays["y_test"]
+    )
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with path.open("rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return data, np.asarray(batch[b"labels"], dtype=np.int64)
+
+
+def load_cifar10(directory: str | Path) -> DataSplits:
+    """CIFAR-10 python batches (`data_batch_1`..`data_batch_5`, `test_batch`) in `directory` or
+    its `cifar-10-batches-py` subfolder; images [N, 3, 32, 32]. (These are pickles: load only
+    files you trust.)"""
+    directory = Path(directory)
+    if (directory / "cifar-10-batches-py").is_dir():
+        directory = directory / "cifar-10-batches-py"
+    train_files = sorted(directory.glob("data_batch_*"))
+    if not train_files or not (directory / "test_batch").is_file():
+        raise FileNotFoundError(f"{directory} has no CIFAR-10 data_batch_* and test_batch files")
+    parts = [_cifar_batch(p) for p in train_files]
+    x_test, y_test = _cifar_batch(directory / "test_batch")
+    x_train = np.concatenate([x for x, _ in parts]).astype(np.float64) / 255
+    y_train = np.concatenate([y for _, y in parts])
+    return _standardised("cifar10", x_train, y_train, x_test.astype(np.float64) / 255, y_test)
+
+
+def load_dataset(name: str, seed: int = 0) -> DataSplits:
+    """A built-in data set by name (BUILTIN_DATASETS) or a directory of MNIST/Fashion-MNIST IDX
+    files or CIFAR-10 batches. `seed` picks the split of digits and the gaussian mixture."""
+    if name == "mnist1d":
+        return load_mnist1d()
+    if name == "digits":
+        return load_digits(seed=seed)
+    if name == "gaussian":
+        return gaussian_mixture(seed=seed)
+    directory = Path(name)
+    if not directory.is_dir():
+        raise ValueError(
+            f"unknown dataset {name!r}: use one of {', '.join(BUILTIN_DATASETS)} or a directory "
+            "of MNIST/Fashion-MNIST IDX files or CIFAR-10 python batches"
+        )
+    if _find(directory, _IDX_NAMES["x_train"]) is not None:
+        return load_idx_dataset(directory)
+    return load_cifar10(directory)
+
+
+def make_loader(
+    x: Tensor, y: Tensor, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False
+) -> DataLoader:
+    """A DataLoader over (x, y), shuffled by a generator seeded with `seed` (reproducible)."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        TensorDataset(x, y),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        drop_last=drop_last,
+    )
