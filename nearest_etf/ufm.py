@@ -14,7 +14,8 @@ ETF drawn from the seed), ``implicit`` (`ImplicitETFHead`, nearest ETF of the EM
 ``implicit-cma`` (cumulative average) and ``implicit-none`` (the current, exact full-batch means).
 The same seed gives every method the same initial H.
 
-Recorded every ``record_every`` steps (and at the last step), on the normalised features of the
+Recorded at ``records`` steps spaced geometrically in t + 1 (`record_steps`: every early step,
+sparser later; always 0 and T), on the normalised features of the
 forward pass that produced the step's loss: the loss, the training error, NC1, the distance of
 the centred class means to the simplex ETF (`metrics.etf_distance`), NC3 self-duality between
 the head's W and the centred means, the equinorm of the centred means, and the average cosine
@@ -91,7 +92,7 @@ class UFMConfig:
     feature_norm tau (features are rescaled to norm tau before the head; None: no
     normalisation), feature_wd / head_wd the weight decays on H and on a learned W (and b),
     init_scale the std of h_ij * sqrt(d) at initialisation (rows of norm ~ init_scale), delta
-    the proximal weight of the implicit heads.
+    the proximal weight of the implicit heads, records the number of recorded steps.
     """
 
     classes: int = 10
@@ -105,7 +106,7 @@ class UFMConfig:
     momentum: float = 0.9
     init_scale: float = 1.0
     delta: float = 1e-3
-    record_every: int = 10
+    records: int = 40
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -113,7 +114,7 @@ class UFMConfig:
         _positive_int("dim", self.dim, self.classes)
         _positive_int("per_class", self.per_class)
         _positive_int("steps", self.steps, 0)
-        _positive_int("record_every", self.record_every)
+        _positive_int("records", self.records, 2)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.dtype not in _DTYPES:
@@ -129,6 +130,14 @@ class UFMConfig:
     @property
     def num_samples(self) -> int:
         return self.classes * self.per_class
+
+    def record_steps(self) -> list[int]:
+        """The recorded steps: round((T+1)^(i/(M-1))) - 1 for i = 0..M-1 (M = records),
+        deduplicated, with 0 and T; every step when M > T."""
+        T, M = self.steps, self.records
+        if M > T:
+            return list(range(T + 1))
+        return sorted({0, T} | {round((T + 1) ** (i / (M - 1))) - 1 for i in range(M)})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -244,6 +253,7 @@ def run_ufm(config: UFMConfig, method: str, lr: float, seed: int, progress: bool
         leave=False,
         mininterval=0.5,
     )
+    record = set(config.record_steps())
     for step in range(config.steps + 1):
         optimizer.zero_grad(set_to_none=True)
         F, logits = model()
@@ -251,7 +261,7 @@ def run_ufm(config: UFMConfig, method: str, lr: float, seed: int, progress: bool
         if not (torch.isfinite(loss) and torch.isfinite(F).all()):
             run.diverged = True
             break
-        if step % config.record_every == 0 or step == config.steps:
+        if step in record:
             W, b = model.head.classifier()
             values = step_metrics(F.detach(), model.labels, config.classes, W, b)
             values["loss"] = float(loss.detach())

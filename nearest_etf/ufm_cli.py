@@ -234,7 +234,7 @@ def main(args: argparse.Namespace) -> None:
         momentum=args.momentum,
         init_scale=args.init_scale,
         delta=args.delta,
-        record_every=args.record_every,
+        records=args.records,
         dtype=args.dtype,
     )
     lr_grid = args.lr_grid if args.lr_grid else [args.lr]
@@ -293,7 +293,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--head-wd", type=float, default=d.head_wd, help="wd on a learned W, b")
     parser.add_argument("--init-scale", type=float, default=d.init_scale, help="row norm of H_0")
     parser.add_argument("--delta", type=float, default=d.delta, help="implicit heads' prox weight")
-    parser.add_argument("--record-every", type=int, default=d.record_every)
+    parser.add_argument(
+        "--records", type=int, default=d.records, help="recorded steps (log-spaced; > T: all)"
+    )
     parser.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
     parser.add_argument("--workers", type=int, default=2, help="processes (1: in this process)")
     parser.add_argument(
