@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from nearest_etf import demo, dufm
+from nearest_etf import demo, dufm, train
 
-_COMMANDS = (demo, dufm)
+_COMMANDS = (demo, dufm, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

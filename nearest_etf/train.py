@@ -1,0 +1,353 @@
+"""`nearest-etf train`: train one backbone with each classifier head on a real data set.
+
+Every (head, seed) run uses the same backbone initialisation (torch.manual_seed(seed) before
+building it), data order (a loader generator seeded with seed), optimiser and schedule, so runs
+differ only in the head. After every epoch the training-set collapse metrics
+(`nearest_etf.metrics.collapse_metrics`, on the features the head sees) and the test loss and
+accuracy are recorded. Outputs in the output directory: metrics.csv and metrics.json (config
+and one row per head, seed, epoch) and comparison.png (mean over seeds, min-max band).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from nearest_etf.data import DataSplits, load_dataset, make_loader
+from nearest_etf.heads import HEADS, make_head
+from nearest_etf.losses import LOSSES, loss_function
+from nearest_etf.metrics import collapse_metrics
+from nearest_etf.models import MODELS, Classifier, make_backbone
+
+__all__ = ["TrainConfig", "add_parser", "train_all", "train_run", "write_results"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+OPTIMIZERS = ("sgd", "adam")
+PLOTTED = (
+    ("train_loss", "train loss"),
+    ("train_accuracy", "train accuracy [%]"),
+    ("test_accuracy", "test accuracy [%]"),
+    ("nc1", "NC1 tr(Sw Sb+)/K"),
+    ("nc2_means", "NC2 means (Gram to ETF)"),
+    ("nc2_classifier", "NC2 classifier"),
+    ("nc3", "NC3 self-duality"),
+    ("ncc_mismatch", "NCC mismatch [%]"),
+    ("nearest_etf_distance", "means to nearest ETF"),
+    ("cosine_margin", "average cosine margin"),
+    ("equinorm_means", "equinorm of means"),
+    ("bias_collapse", "||W mu_G + b||"),
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of one `nearest-etf train` invocation (see `add_parser` for their meaning)."""
+
+    dataset: str = "mnist1d"
+    model: str = "mlp"
+    heads: tuple[str, ...] = ("learned", "fixed", "implicit")
+    epochs: int = 20
+    seeds: int = 3
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    loss: str = "ce"
+    widths: tuple[int, ...] = (256, 256)
+    temperature: float | None = None
+    delta: float = 1e-3
+    average: str = "ema"
+    train_subset: int | None = None
+    test_subset: int | None = None
+    device: str = "cpu"
+    progress: bool = True
+    head_options: dict[str, dict[str, object]] = field(default_factory=dict)
+
+
+def _optimizer(config: TrainConfig, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _head_options(config: TrainConfig, name: str) -> dict[str, object]:
+    options: dict[str, object] = {"temperature": config.temperature}
+    if name == "implicit":
+        options |= {"delta": config.delta, "average": config.average}
+    return options | config.head_options.get(name, {})
+
+
+class _Outputs:
+    """Re-iterable (features the head sees, logits, labels) over a loader, model in eval mode."""
+
+    def __init__(self, model: Classifier, loader: DataLoader, device: torch.device) -> None:
+        self.model, self.loader, self.device = model, loader, device
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        with torch.no_grad():
+            for x, y in self.loader:
+                features = self.model.backbone(x.to(self.device))
+                logits = self.model.head(features)
+                yield self.model.head.scale_features(features), logits, y
+
+
+def _evaluate(
+    model: Classifier, loader: DataLoader, loss_fn: LossFn, device: torch.device
+) -> tuple[float, float]:
+    """(mean loss, accuracy %) of the model in eval mode."""
+    total_loss = correct = count = 0.0
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            total_loss += float(loss_fn(logits, y)) * len(y)
+            correct += float((logits.argmax(1) == y).sum())
+            count += len(y)
+    return total_loss / count, 100.0 * correct / count
+
+
+def train_run(
+    data: DataSplits, config: TrainConfig, head_name: str, seed: int
+) -> list[dict[str, object]]:
+    """Train backbone + head `head_name` with `seed`; one metrics row per epoch."""
+    device = torch.device(config.device)
+    torch.manual_seed(seed)
+    backbone = make_backbone(config.model, data.input_shape, config.widths)
+    head = make_head(
+        head_name, backbone.num_features, data.num_classes, **_head_options(config, head_name)
+    )
+    model = Classifier(backbone, head).to(device)
+    optimizer = _optimizer(config, model.parameters())
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    loss_fn = loss_function(config.loss, scale=config.temperature or 1.0)
+    train_loader = make_loader(
+        data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
+    )
+    eval_train = make_loader(data.x_train, data.y_train, 1024, shuffle=False)
+    eval_test = make_loader(data.x_test, data.y_test, 1024, shuffle=False)
+    rows: list[dict[str, object]] = []
+    bar = tqdm(
+        total=config.epochs * len(train_loader),
+        desc=f"{head_name} seed {seed}",
+        unit="step",
+        disable=not config.progress,
+        mininterval=0.5,
+    )
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        running = 0.0
+        for x, y in train_loader:
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x, y), y)
+            loss.backward()
+            optimizer.step()
+            running += loss.item()
+            bar.update()
+        schedule.step()
+        model.eval()
+        W, b = head.classifier()
+        metrics = collapse_metrics(_Outputs(model, eval_train, device), W, b, data.num_classes)
+        train_loss, _ = _evaluate(model, eval_train, loss_fn, device)
+        test_loss, test_accuracy = _evaluate(model, eval_test, loss_fn, device)
+        row: dict[str, object] = {
+            "head": head_name,
+            "seed": seed,
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_step_loss": running / len(train_loader),
+            "train_accuracy": metrics.pop("accuracy"),
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+            **metrics,
+        }
+        rows.append(row)
+        bar.set_postfix(test_acc=f"{test_accuracy:.1f}", nc1=f"{metrics['nc1']:.3g}")
+    bar.close()
+    return rows
+
+
+def train_all(config: TrainConfig, data: DataSplits | None = None) -> list[dict[str, object]]:
+    """train_run for every head and seed 0..seeds-1 on the configured data set."""
+    if data is None:
+        data = load_dataset(config.dataset).subset(config.train_subset, config.test_subset)
+    rows: list[dict[str, object]] = []
+    for seed in range(config.seeds):
+        for head in config.heads:
+            rows += train_run(data, config, head, seed)
+    return rows
+
+
+def _plot(rows: Sequence[dict[str, object]], heads: Sequence[str], path: Path) -> None:
+    """One panel per metric: mean over seeds vs epoch per head, min-max band."""
+    cols = 4
+    fig = Figure(figsize=(4 * cols, 3 * math.ceil(len(PLOTTED) / cols)))
+    for i, (key, title) in enumerate(PLOTTED):
+        ax = fig.add_subplot(math.ceil(len(PLOTTED) / cols), cols, i + 1)
+        for head in heads:
+            mine = [r for r in rows if r["head"] == head]
+            epochs = sorted({int(r["epoch"]) for r in mine})
+            values = np.array(
+                [[float(r[key]) for r in mine if r["epoch"] == e] for e in epochs], dtype=float
+            )
+            if values.size == 0 or np.isnan(values).all():
+                continue
+            (line,) = ax.plot(epochs, np.nanmean(values, axis=1), label=head)
+            ax.fill_between(
+                epochs,
+                np.nanmin(values, axis=1),
+                np.nanmax(values, axis=1),
+                color=line.get_color(),
+                alpha=0.2,
+            )
+        if key in ("nc1", "bias_collapse") and ax.has_data():
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if i == 0:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def write_results(
+    rows: Sequence[dict[str, object]], config: TrainConfig, out_dir: Path
+) -> dict[str, Path]:
+    """Write metrics.csv, metrics.json (config + rows) and comparison.png into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "csv": out_dir / "metrics.csv",
+        "json": out_dir / "metrics.json",
+        "png": out_dir / "comparison.png",
+    }
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["json"].write_text(json.dumps({"config": asdict(config), "rows": list(rows)}, indent=1))
+    _plot(rows, config.heads, paths["png"])
+    return paths
+
+
+def _summary(rows: Sequence[dict[str, object]], heads: Sequence[str]) -> str:
+    """Final-epoch test accuracy and NC metrics per head, mean +- std over seeds."""
+    last = max(int(r["epoch"]) for r in rows)
+    keys = ("test_accuracy", "train_accuracy", "nc1", "nc2_means", "nc3", "ncc_mismatch")
+    lines = [f"{'head':<10}" + "".join(f"{k:>22}" for k in keys)]
+    for head in heads:
+        final = [r for r in rows if r["head"] == head and r["epoch"] == last]
+        cells = []
+        for key in keys:
+            values = np.array([float(r[key]) for r in final])
+            cells.append(f"{values.mean():>13.4g} +- {values.std():<6.2g}")
+        lines.append(f"{head:<10}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def main(args: argparse.Namespace) -> None:
+    heads = tuple(HEADS) if args.head == "all" else (args.head,)
+    config = TrainConfig(
+        dataset=args.dataset,
+        model=args.model,
+        heads=heads,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        loss=args.loss,
+        widths=tuple(args.widths),
+        temperature=args.temperature,
+        delta=args.delta,
+        average=args.average,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    out_dir = args.out or Path("runs") / "train" / (
+        f"{Path(args.dataset).name}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    print(f"output directory: {out_dir}")
+    rows = train_all(config)
+    paths = write_results(rows, config, out_dir)
+    print(_summary(rows, heads))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    d = TrainConfig()
+    parser = subparsers.add_parser(
+        "train", help="train a backbone with each classifier head; collapse metrics per epoch"
+    )
+    parser.add_argument(
+        "--dataset",
+        default=d.dataset,
+        help="mnist1d | digits | gaussian | a directory of MNIST/Fashion-MNIST IDX files or "
+        "CIFAR-10 python batches",
+    )
+    parser.add_argument("--model", choices=MODELS, default=d.model)
+    parser.add_argument("--head", choices=(*HEADS, "all"), default="all")
+    parser.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    parser.add_argument(
+        "--seeds", type=_positive_int, default=d.seeds, help="runs with seeds 0..S-1"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=d.loss,
+        help="ce: cross-entropy, mse: MSE to one-hot, dr: dot regression (scale = temperature)",
+    )
+    parser.add_argument(
+        "--widths",
+        type=_positive_int,
+        nargs="+",
+        default=list(d.widths),
+        help="MLP hidden widths; the last is the feature dimension d",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=d.temperature,
+        help="normalise the features to this norm before every head (default: off)",
+    )
+    parser.add_argument("--delta", type=float, default=d.delta, help="implicit head prox weight")
+    parser.add_argument("--average", choices=("ema", "cma", "none"), default=d.average)
+    parser.add_argument("--train-subset", type=_positive_int, default=None)
+    parser.add_argument("--test-subset", type=_positive_int, default=None)
+    parser.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--out", type=Path, default=None, help="output directory")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.set_defaults(func=main)
