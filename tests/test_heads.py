@@ -127,6 +127,24 @@ def test_implicit_head_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(fn, (x.clone().requires_grad_(True),))
 
 
+def test_implicit_head_general_path_agrees_with_the_closed_form_path():
+    # backward="kkt" goes through nearest_etf's generic declarative node; the default takes the
+    # polar-factor shortcut. Same frame, same feature gradient.
+    x0, y0 = _batch(seed=1)
+    x, y = _batch(seed=2)
+    upstream = torch.randn(12, K, dtype=F64)
+    grads, frames = [], []
+    for backward in ("analytic", "kkt"):
+        head = ImplicitETFHead(D, K, delta=0.1, backward=backward).to(F64)
+        head(x0, y0)
+        features = x.clone().requires_grad_(True)
+        (head(features, y) * upstream).sum().backward()
+        grads.append(features.grad)
+        frames.append(head.frame)
+    torch.testing.assert_close(frames[0], frames[1])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-7, atol=1e-9)
+
+
 def test_implicit_head_declarative_path_changes_the_backbone_gradient():
     backbone = nn.Linear(5, D).to(F64)
     inputs = torch.randn(12, 5, dtype=F64)
