@@ -341,3 +341,17 @@ def test_analysis_of_nearly_identical_class_means_is_nan():
     H1 = torch.ones(3, 3, dtype=F64) + 1e-15 * torch.eye(3, dtype=F64)
     stats = analyse_layers(problem, [H1, *problem.init(0, 0.5)[1:]])
     assert math.isnan(stats[0].etf_distance)
+
+
+def test_found_dnc_needs_full_rank_and_the_dnc_loss():
+    from nearest_etf.dufm.run import summarise
+    from nearest_etf.dufm.train import TrainResult
+
+    config = TrainConfig(layers=3, classes=3, width=4, steps=0)
+    problem = config.problem()
+    refs = reference_losses(problem)
+    point = dnc_point(problem)
+    assert summarise(TrainResult(config, point), refs)["found_dnc"]
+    vanishing = [1e-3 * p for p in point]  # same full-rank structure, near the zero solution
+    row = summarise(TrainResult(config, vanishing), refs)
+    assert row["rank_H1"] == 3 and not row["found_dnc"]
