@@ -98,7 +98,7 @@ class UFMConfig:
     classes: int = 10
     dim: int = 512
     per_class: int = 10
-    steps: int = 1000
+    steps: int = 200
     feature_norm: float | None = 1.0
     feature_wd: float = 1e-4
     head_wd: float = 5e-4
@@ -279,16 +279,19 @@ def run_ufm(config: UFMConfig, method: str, lr: float, seed: int, progress: bool
     return run
 
 
-def selection_score(run: UFMRun) -> float:
-    """Mean over the recorded steps of sum_m log10(m) for m in NC1, ETF distance, NC3: the area
-    under the log collapse curves, lower = faster collapse; +inf for a diverged run."""
+def selection_score(run: UFMRun, config: UFMConfig) -> float:
+    """How slowly a run collapses: sum over m in (NC1, ETF distance, NC3) of the mean over the
+    recorded (log-spaced) steps of log10(max(m_t, c_m) / c_m), c_m the metric's threshold
+    (`thresholds`). 0 iff all three are below their thresholds from step 0; what happens below
+    a threshold (e.g. float32 noise floors) does not count. +inf for a diverged run."""
     if run.diverged or not run.steps:
         return math.inf
-    tiny = 1e-12
+    limits = thresholds(config)
     total = 0.0
     for name in _SELECTION_METRICS:
+        cut = limits[name][1]
         values = run.curves[name]
-        total += sum(math.log10(max(v, tiny)) for v in values) / len(values)
+        total += sum(math.log10(max(v, cut) / cut) for v in values) / len(values)
     return total
 
 
@@ -303,7 +306,7 @@ def thresholds(config: UFMConfig) -> dict[str, tuple[str, float]]:
     """The stated collapse thresholds: metric -> ("<=" or ">=", value) of the summary table.
 
     loss <= the ETF floor + 0.01 (`etf_loss_floor`; no floor without feature normalisation),
-    error <= 0, NC1, ETF distance, NC3 and equinorm <= 1e-2, average cosine margin >= 0.99 of
+    error <= 0, NC1, ETF distance, NC3 and equinorm <= 1e-3, average cosine margin >= 0.99 of
     its collapsed value K/(K-1) (cos(h, w_y) = 1, cos(h, w_j) = -1/(K-1)).
     """
     K = config.classes
@@ -312,7 +315,7 @@ def thresholds(config: UFMConfig) -> dict[str, tuple[str, float]]:
         found["loss"] = ("<=", etf_loss_floor(K, config.feature_norm) + 1e-2)
     found["error"] = ("<=", 0.0)
     for name in ("nc1", "etf_distance", "nc3", "equinorm"):
-        found[name] = ("<=", 1e-2)
+        found[name] = ("<=", 1e-3)
     found["cosine_margin"] = (">=", 0.99 * K / (K - 1))
     return found
 
@@ -414,7 +417,10 @@ def run_study(
     tune_keys = [(m, lr, tune_seed) for m in methods for lr in lr_grid] if len(lr_grid) > 1 else []
     runs = _run_all(config, tune_keys, workers, progress, "lr tuning")
     tuning = {
-        m: {lr: selection_score(runs[(m, lr, tune_seed)]) if tune_keys else 0.0 for lr in lr_grid}
+        m: {
+            lr: selection_score(runs[(m, lr, tune_seed)], config) if tune_keys else 0.0
+            for lr in lr_grid
+        }
         for m in methods
     }
     best_lr = {m: min(tuning[m], key=lambda lr, m=m: tuning[m][lr]) for m in methods}

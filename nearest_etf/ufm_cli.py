@@ -276,11 +276,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"comma list from {', '.join(METHODS)}",
     )
     parser.add_argument("--seeds", type=int, default=5, help="evaluation seeds 0..S-1")
-    parser.add_argument("--lr", type=float, default=1.0, help="the shared learning rate")
+    parser.add_argument("--lr", type=float, default=3.0, help="the shared learning rate")
     parser.add_argument(
         "--lr-grid",
         type=_floats,
-        default=[0.3, 1.0, 3.0, 10.0],
+        default=[0.3, 1.0, 3.0, 10.0, 30.0],
         help="comma list each method picks its best lr from (one value: no tuning)",
     )
     parser.add_argument("--tune-seed", type=int, default=1000, help="seed the lr is tuned on")

@@ -27,6 +27,7 @@ from nearest_etf.ufm import (
     selection_score,
     step_metrics,
     summarise_study,
+    thresholds,
     ufm_head,
 )
 
@@ -109,21 +110,25 @@ def test_step_metrics_of_an_exact_collapse() -> None:
 
 def test_first_crossing_and_selection_score() -> None:
     run = UFMRun(method="fixed", lr=1.0, seed=0, steps=[0, 10, 20])
-    run.curves.update(nc1=[1.0, 1e-3, 1e-4], etf_distance=[1.0, 0.1, 0.01], nc3=[1.0, 1.0, 1.0])
+    run.curves.update(nc1=[1.0, 1e-2, 1e-5], etf_distance=[1.0, 0.1, 0.01], nc3=[1.0, 1.0, 1.0])
     assert first_crossing(run, "nc1", "<=", 1e-2) == 10
     assert first_crossing(run, "etf_distance", "<=", 1e-3) is None
     assert first_crossing(run, "nc3", ">=", 1.0) == 0
-    expected = (0 - 3 - 4) / 3 + (0 - 1 - 2) / 3 + 0
-    assert selection_score(run) == pytest.approx(expected)
+    assert {thresholds(TINY)[m] for m in ("nc1", "etf_distance", "nc3")} == {("<=", 1e-3)}
+    # log10(max(m, 1e-3) / 1e-3) averaged over the steps, summed over the three metrics
+    expected = (3 + 1 + 0) / 3 + (3 + 2 + 1) / 3 + (3 + 3 + 3) / 3
+    assert selection_score(run, TINY) == pytest.approx(expected)
+    run.curves.update(nc1=[1e-4] * 3, etf_distance=[1e-3] * 3, nc3=[0.0] * 3)
+    assert selection_score(run, TINY) == 0.0
     run.diverged = True
-    assert selection_score(run) == math.inf
+    assert selection_score(run, TINY) == math.inf
 
 
 def test_diverging_lr_is_flagged() -> None:
     config = UFMConfig(classes=3, dim=4, per_class=2, steps=30, feature_norm=None, momentum=0.9)
     run = run_ufm(config, "learned", lr=1e6, seed=0)
     assert run.diverged
-    assert selection_score(run) == math.inf
+    assert selection_score(run, config) == math.inf
 
 
 def test_study_picks_the_best_lr_per_method_and_reuses_runs() -> None:
