@@ -1,0 +1,137 @@
+"""Time per training step (forward + backward + SGD step) of an MLP backbone with each head.
+
+Backbone: MLP(784 -> 1024 -> d) (Linear + BatchNorm + ReLU per layer), batch 256, SGD with
+momentum, float32, synthetic inputs and uniformly random labels (timing only). The heads are
+measured side by side: after a warm-up, each repeat times one step of every head in turn, and
+the median over repeats is reported (with the ratio of the minima, which is less sensitive
+to other processes on a shared machine). Target: ImplicitETFHead <= 1.15x LearnedHead at
+(d, K) = (512, 100).
+
+    .venv/bin/python benchmarks/head_overhead.py [--repeats 30] [--threads N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nearest_etf.heads import HEADS, make_head
+from nearest_etf.models import MLP, Classifier
+
+SHAPES = ((512, 10), (512, 100), (2048, 1000))
+TARGET_SHAPE, TARGET_RATIO = (512, 100), 1.15
+BATCH, INPUT, HIDDEN = 256, 784, 1024
+
+
+def _models(d: int, K: int) -> dict[str, tuple[Classifier, torch.optim.Optimizer]]:
+    models = {}
+    for name in HEADS:
+        torch.manual_seed(0)
+        model = Classifier(MLP(INPUT, (HIDDEN, d)), make_head(name, d, K))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        models[name] = (model, optimizer)
+    return models
+
+
+def _step(model: Classifier, optimizer: torch.optim.Optimizer, x, y) -> float:
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x, y), y).backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def measure(d: int, K: int, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per step of every head at (d, K), `repeats` interleaved samples each."""
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(BATCH, INPUT, generator=g), torch.randint(0, K, (BATCH,), generator=g))
+        for _ in range(4)
+    ]
+    models = _models(d, K)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(warmup + repeats):
+        x, y = batches[i % len(batches)]
+        for name, (model, optimizer) in models.items():
+            seconds = _step(model, optimizer, x, y)
+            if i >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        d, K = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected dxK such as 512x100, got {text!r}") from exc
+    return d, K
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=30, help="timed steps per head and shape")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--shapes",
+        type=_shape,
+        nargs="+",
+        default=list(SHAPES),
+        help="(d, K) pairs as dxK (default: 512x10 512x100 2048x1000)",
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"MLP({INPUT} -> {HIDDEN} -> d) + head, batch {BATCH}, SGD, float32, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats} steps"
+    )
+    print(
+        f"{'d':>6}{'K':>6}"
+        + "".join(f"{n + ' [ms]':>16}" for n in HEADS)
+        + f"{'impl/learned':>14}{'(min-based)':>13}"
+    )
+    results = []
+    for d, K in args.shapes:
+        # the largest shape is ~1 s per implicit step on 2 CPU cores: fewer repeats there
+        repeats = args.repeats if d * K <= 512 * 100 else max(3, args.repeats // 6)
+        samples = measure(d, K, repeats)
+        t = {name: statistics.median(v) for name, v in samples.items()}
+        ratio = t["implicit"] / t["learned"]
+        ratio_min = min(samples["implicit"]) / min(samples["learned"])
+        results.append(
+            {
+                "d": d,
+                "K": K,
+                "median_seconds": t,
+                "min_seconds": {name: min(v) for name, v in samples.items()},
+                "implicit_over_learned": ratio,
+                "implicit_over_learned_min": ratio_min,
+            }
+        )
+        print(
+            f"{d:>6}{K:>6}"
+            + "".join(f"{1e3 * t[n]:>16.2f}" for n in HEADS)
+            + f"{ratio:>14.3f}{ratio_min:>13.3f}"
+        )
+    for r in results:
+        if (r["d"], r["K"]) == TARGET_SHAPE:
+            ratio = r["implicit_over_learned"]
+            verdict = "meets" if ratio <= TARGET_RATIO else "MISSES"
+            print(
+                f"ImplicitETFHead / LearnedHead at (d, K) = {TARGET_SHAPE}: {ratio:.3f}x median, "
+                f"{r['implicit_over_learned_min']:.3f}x min ({verdict} the <= {TARGET_RATIO}x "
+                "target on the median)"
+            )
+    if args.json:
+        args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
