@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from nearest_etf import demo, dufm, train
+from nearest_etf import demo, dufm, train, ufm_cli
 
-_COMMANDS = (demo, dufm, train)
+_COMMANDS = (demo, dufm, ufm_cli, train)
 
 
 def build_parser() -> argparse.ArgumentParser:
