@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from nearest_etf.cli import main as cli_main
-from nearest_etf.data import load_dataset, load_mnist1d, read_idx
+from nearest_etf.data import DataSplits, load_dataset, load_mnist1d, read_idx
 from nearest_etf.heads import ImplicitETFHead
 from nearest_etf.losses import dot_regression_loss, loss_function, mse_one_hot_loss
 from nearest_etf.models import MLP, ResNet18, make_backbone
@@ -145,3 +145,13 @@ def test_losses_match_their_formulas():
         loss_function("hinge")
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         mse_one_hot_loss(z, torch.tensor([0, 3, 1, 1, 0]))
+
+
+def test_resnet18_trains_end_to_end_on_images():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(24) % 3
+    x = torch.randn(24, 3, 8, 8, generator=g) + y.view(-1, 1, 1, 1)
+    data = DataSplits("images", x[:16], y[:16], x[16:], y[16:], 3)
+    config = TrainConfig(model="resnet18", epochs=1, batch_size=8, progress=False)
+    (row,) = train_run(data, config, "implicit", seed=0)
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["nc3"])
