@@ -27,12 +27,13 @@ from nearest_etf.ufm import (
     OPTIMIZERS,
     Study,
     UFMConfig,
+    UFMRun,
     run_study,
     summarise_study,
     thresholds,
 )
 
-__all__ = ["add_parser", "format_summary", "plot_study", "write_study"]
+__all__ = ["add_parser", "format_summary", "plot_study", "read_study", "write_study"]
 
 _PANELS = (
     ("loss", "loss (cross-entropy)", True),
@@ -90,6 +91,8 @@ def plot_study(study: Study, path: Path) -> Path:
                 ax.axhline(K / (K - 1), color="k", ls=":", lw=0.8)
             if log:
                 ax.set_yscale("log")
+            ax.set_xscale("symlog", linthresh=10)  # linear to step 10, then logarithmic
+            ax.set_xlim(0, study.config.steps)
             ax.set_title(title if row == 0 else "", fontsize=9)
             ax.tick_params(labelsize=7)
             if row == len(comparisons) - 1:
@@ -100,7 +103,7 @@ def plot_study(study: Study, path: Path) -> Path:
     c = study.config
     fig.suptitle(
         f"UFM K={K}, d={c.dim}, n={c.per_class}/class, {c.optimizer}, {len(study.seeds)} seeds "
-        "(mean, min-max band)",
+        "(mean, min-max band; step axis linear to 10, then log)",
         fontsize=10,
     )
     fig.tight_layout()
@@ -204,6 +207,30 @@ def write_study(study: Study, out: Path, command: str = "") -> dict:
     return record
 
 
+def read_study(path: Path) -> tuple[Study, str]:
+    """The `Study` (and its command line) stored in a study.json written by `write_study`."""
+    record = json.loads(path.read_text())
+    runs = {}
+    for r in record["runs"]:
+        run = UFMRun(r["method"], r["lr"], r["seed"], r["steps"], r["curves"], r["diverged"])
+        run.seconds = r["seconds"]
+        runs[(run.method, run.lr, run.seed)] = run
+    study = Study(
+        config=UFMConfig(**record["config"]),
+        methods=record["methods"],
+        seeds=record["seeds"],
+        tune_seed=record["tune_seed"],
+        lr_grid=record["lr_grid"],
+        shared_lr=record["shared_lr"],
+        runs=runs,
+        tuning={
+            m: {float(lr): v for lr, v in s.items()} for m, s in record["tuning_scores"].items()
+        },
+        best_lr=record["comparisons"]["best-lr"],
+    )
+    return study, record["command"]
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -222,6 +249,12 @@ def _methods(text: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.replot is not None:
+        study, command = read_study(args.replot)
+        out = args.out or args.replot.parent
+        write_study(study, out, command)
+        print((out / "summary.txt").read_text(), end="")
+        return
     config = UFMConfig(
         classes=args.classes,
         dim=args.dim,
@@ -276,11 +309,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"comma list from {', '.join(METHODS)}",
     )
     parser.add_argument("--seeds", type=int, default=5, help="evaluation seeds 0..S-1")
-    parser.add_argument("--lr", type=float, default=3.0, help="the shared learning rate")
+    parser.add_argument("--lr", type=float, default=10.0, help="the shared learning rate")
     parser.add_argument(
         "--lr-grid",
         type=_floats,
-        default=[0.3, 1.0, 3.0, 10.0, 30.0],
+        default=[1.0, 3.0, 10.0, 30.0, 100.0],
         help="comma list each method picks its best lr from (one value: no tuning)",
     )
     parser.add_argument("--tune-seed", type=int, default=1000, help="seed the lr is tuned on")
@@ -303,4 +336,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="output directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        metavar="STUDY_JSON",
+        help="only rewrite the table, CSVs and figure of a stored study.json (into --out or its "
+        "directory); every other option is ignored",
+    )
     parser.set_defaults(func=main)

@@ -196,3 +196,19 @@ def test_command_writes_curves_summary_and_figure(
     # every step of every run (records > steps)
     assert len(lines) - 1 == 11 * len(record["runs"])
     assert (out / "ufm.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_replot_rebuilds_the_same_tables_from_study_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = tmp_path / "run", tmp_path / "replot"
+    command = (
+        "ufm --classes 3 --dim 4 --per-class 2 --steps 6 --seeds 2 --lr 1 --lr-grid 1,3 "
+        "--methods fixed,implicit --workers 1 --no-progress"
+    )
+    main([*command.split(), "--out", str(first)])
+    main(["ufm", "--replot", str(first / "study.json"), "--out", str(second)])
+    capsys.readouterr()
+    for name in ("summary.txt", "summary.csv", "curves.csv"):
+        assert (second / name).read_text() == (first / name).read_text(), name
+    assert (second / "ufm.png").stat().st_size > 0
