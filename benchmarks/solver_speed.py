@@ -585,6 +585,10 @@ def main(argv: list[str] | None = None) -> None:
     # core turn a 5 ms SVD into a second; sleeping waits keep timings meaningful. The spawned
     # worker inherits this before its OpenMP runtime starts.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # numpy's OpenBLAS (used only by pymanopt inside trust-regions) has its own thread pool;
+    # alternating with torch's on 2 cores it makes trust-regions 2-10x slower and erratic, which
+    # would flatter the closed form. One BLAS thread is trust-regions' fastest setting here.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -596,6 +600,7 @@ def main(argv: list[str] | None = None) -> None:
         "noise": args.noise,
         "threads": args.threads,
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "openblas_num_threads": os.environ["OPENBLAS_NUM_THREADS"],
         "delta": DELTA,
     }
     start = time.perf_counter()
@@ -608,7 +613,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\nnearest-ETF solver speed: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, "
         f"torch {machine['torch']} ({args.threads} threads, OMP_WAIT_POLICY="
-        f"{meta['omp_wait_policy']}), float64 unless said, "
+        f"{meta['omp_wait_policy']}, OPENBLAS_NUM_THREADS={meta['openblas_num_threads']}), "
+        "float64 unless said, "
         f"delta = {DELTA:g}, cap {args.skip_slow:g} s per method"
     )
     print("\n".join(_table_lines(rows)))
