@@ -498,10 +498,11 @@ def _plot(rows: list[Row], path: Path) -> None:
                 if lower:
                     bar.set_hatch("//")
         ax.set_yscale("log")
+        ax.set_ylim(top=ax.get_ylim()[1] * 30)  # room for the legend above the bars
         ax.set_xticks(range(len(sizes)), [f"{d}x{K}" for d, K in sizes])
         ax.set_ylabel("seconds per call (median)")
         ax.set_title(f"{title} (hatched: killed at the cap, a lower bound)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, ncol=len(methods), loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
