@@ -4,22 +4,22 @@ The features are free parameters H[N, d] (n = N/K per class, labels y_i = i // n
 on top decides how the geometry collapses (Markou, Ajanthan, Gould, NeurIPS 2024, UFM study).
 Every method is trained the same way, full batch:
 
-    f_i = tau * h_i / ||h_i||                        (feature normalisation, tau = feature_norm)
-    loss = (1/N) sum_i CE(head(F)_i, y_i)            (torch's cross-entropy, mean over samples)
-    SGD (momentum) or Adam, weight decay feature_wd on H and head_wd on a learned W and b.
+    f_i = tau * h_i / ||h_i||          (the heads' `temperature` normalisation, tau = feature_norm)
+    loss = (1/N) sum_i CE(z_i, y_i)    (z = head(H, y); torch's cross-entropy, mean over samples)
+    SGD (momentum) or Adam, weight decay feature_wd on H (default 0) and head_wd on a learned W, b.
 
-Methods (all `nearest_etf.heads` modules, given the normalised features F):
+Methods (all `nearest_etf.heads` modules, each normalising H to F with the same tau):
 ``learned`` (`LearnedHead`, W and b trained), ``fixed`` (`FixedETFHead`, a Haar-random simplex
 ETF drawn from the seed), ``implicit`` (`ImplicitETFHead`, nearest ETF of the EMA class means),
 ``implicit-cma`` (cumulative average) and ``implicit-none`` (the current, exact full-batch means).
 The same seed gives every method the same initial H.
 
 Recorded at ``records`` steps spaced geometrically in t + 1 (`record_steps`: every early step,
-sparser later; always 0 and T), on the normalised features of the
-forward pass that produced the step's loss: the loss, the training error, NC1, the distance of
-the centred class means to the simplex ETF (`metrics.etf_distance`), NC3 self-duality between
-the head's W and the centred means, the equinorm of the centred means, and the average cosine
-margin of the classifier.
+sparser later; always 0 and T), on the normalised features of the forward pass that produced
+the step's loss (`step_metrics`, all from `nearest_etf.metrics`): the loss, the training error,
+NC1, the distance of the centred class means to the simplex ETF (`etf_distance`), NC2 of W,
+NC3 self-duality between the head's W and the centred means, the equinorm of the centred means,
+and the average cosine margin of the classifier.
 
 A study (`run_study`) is the fair comparison the issue asks for: every method at one shared lr,
 and every method at its own best lr from the same grid (chosen on a separate tuning seed by
