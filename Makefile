@@ -16,7 +16,7 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m nearest_etf.cli demo
+	$(PY) -m nearest_etf.cli ufm
 
 test: $(STAMP)
 	$(PY) -m ruff check nearest_etf tests benchmarks

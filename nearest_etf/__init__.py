@@ -1,9 +1,35 @@
 """nearest_etf: Riemannian optimisation with implicit differentiation, built around the nearest
-simplex equiangular tight frame (ETF) to a set of class means."""
+simplex equiangular tight frame (ETF) to a set of class means.
 
+The solver and the declarative node, the classifier heads, the class-mean tracker and the
+collapse metrics are re-exported here; the experiments live in their modules
+(`nearest_etf.ufm`, `nearest_etf.dufm`, `nearest_etf.train`).
+"""
+
+from nearest_etf.class_means import AVERAGES, ClassMeanTracker
 from nearest_etf.declarative import BACKWARD_MODES, DeclarativeNode, Solver, conjugate_gradient
 from nearest_etf.etf import centering_matrix, etf_classifier, random_stiefel, simplex_etf
 from nearest_etf.geometry import ConstraintGeometry, geometry_of
+from nearest_etf.heads import HEADS, FixedETFHead, ImplicitETFHead, LearnedHead, make_head
+from nearest_etf.losses import LOSSES, dot_regression_loss, loss_function, mse_one_hot_loss
+from nearest_etf.metrics import (
+    CollapseStatistics,
+    bias_collapse,
+    class_means,
+    classifier_etf_distance,
+    collapse_metrics,
+    cosine_margin,
+    effective_rank,
+    equinorm,
+    etf_distance,
+    nc1,
+    ncc_mismatch,
+    nearest_etf_distance,
+    numerical_rank,
+    orthogonal_frame_distance,
+    self_duality,
+    singular_values,
+)
 from nearest_etf.nearest import (
     BACKWARDS,
     SOLVERS,
@@ -17,23 +43,50 @@ from nearest_etf.solvers import RiemannianAdam, TrustRegions
 __version__ = "0.1.0"
 
 __all__ = [
+    "AVERAGES",
     "BACKWARDS",
     "BACKWARD_MODES",
+    "HEADS",
+    "LOSSES",
     "SOLVERS",
+    "ClassMeanTracker",
+    "CollapseStatistics",
     "ConstraintGeometry",
     "DeclarativeNode",
+    "FixedETFHead",
+    "ImplicitETFHead",
+    "LearnedHead",
     "RiemannianAdam",
     "Solver",
     "TrustRegions",
+    "bias_collapse",
     "centering_matrix",
+    "class_means",
+    "classifier_etf_distance",
+    "collapse_metrics",
     "conjugate_gradient",
+    "cosine_margin",
+    "dot_regression_loss",
+    "effective_rank",
+    "equinorm",
     "etf_classifier",
+    "etf_distance",
     "geometry_of",
+    "loss_function",
+    "make_head",
+    "mse_one_hot_loss",
+    "nc1",
+    "ncc_mismatch",
     "nearest_etf",
+    "nearest_etf_distance",
     "nearest_etf_objective",
+    "numerical_rank",
+    "orthogonal_frame_distance",
     "polar",
     "polar_vjp",
     "procrustes_target",
     "random_stiefel",
+    "self_duality",
     "simplex_etf",
+    "singular_values",
 ]

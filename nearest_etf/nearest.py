@@ -28,7 +28,6 @@ from nearest_etf._validation import (
     check_stiefel,
 )
 from nearest_etf.declarative import DeclarativeNode, Inputs, Objective, Solver
-from nearest_etf.etf import centering_matrix
 from nearest_etf.polar import polar
 from nearest_etf.solvers import RiemannianAdam, TrustRegions
 
@@ -52,8 +51,8 @@ def nearest_etf_objective(
     """||Hn - U M_K / sqrt(K)||^2 + (delta/2) ||U - prox||^2 (the prox term only with a prox),
     summed over leading batch dimensions. Hn, U, prox [..., d, K]."""
     K = U.shape[-1]
-    C = centering_matrix(K, dtype=U.dtype, device=U.device)
-    value = (Hn - U @ C / math.sqrt(K - 1)).square().sum()
+    UC = U - U.mean(dim=-1, keepdim=True)  # U C without forming the K x K centring matrix
+    value = (Hn - UC / math.sqrt(K - 1)).square().sum()
     return value if prox is None else value + delta / 2 * (U - prox).square().sum()
 
 
@@ -159,7 +158,6 @@ def nearest_etf(
         U = _map_problems(lambda h, p: node(inputs(h, p), _start_point(h, p)), Hn, prox)
     if prox is None:
         # Only U C is determined: the free column direction U 1/sqrt(K) carries no gradient.
-        ones = torch.full((H.shape[-1], 1), H.shape[-1] ** -0.5, dtype=H.dtype, device=H.device)
-        C = centering_matrix(H.shape[-1], dtype=H.dtype, device=H.device)
-        U = U @ C + (U.detach() @ ones) @ ones.mT
+        free = U.detach().mean(dim=-1, keepdim=True)
+        U = U - U.mean(dim=-1, keepdim=True) + free
     return U
