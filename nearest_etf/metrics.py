@@ -90,14 +90,16 @@ def nc1(features: Tensor, labels: Tensor, num_classes: int, rtol: float | None =
     """NC1 = tr(Sigma_W Sigma_B^+) / K (scalar tensor; 0 for perfectly collapsed features).
 
     ``rtol`` is the pseudo-inverse cut-off relative to the largest eigenvalue of Sigma_B
-    (None: torch's default, eps * d).
+    (None: torch's default, eps * d). Computed in the span of the class means, without d x d
+    matrices: with the thin SVD B = P S Q^T of the centred means B[K, d], Sigma_B = B^T B / K,
+    so tr(Sigma_W Sigma_B^+) = (K / N) ||(H - M_y) Q_r S_r^{-1}||_F^2 over the kept directions r.
     """
     means, global_mean = class_means(features, labels, num_classes)
-    within = features - means[labels]
-    sigma_w = within.T @ within / features.shape[0]
-    between = means - global_mean
-    sigma_b = between.T @ between / num_classes
-    return _nc1_from_covariances(sigma_w, sigma_b, num_classes, rtol)
+    _, s, Qt = torch.linalg.svd(means - global_mean, full_matrices=False)
+    cutoff = torch.finfo(s.dtype).eps * features.shape[1] if rtol is None else rtol
+    keep = s.square() > cutoff * s[0].square()
+    within = (features - means[labels]) @ (Qt[keep].mT / s[keep])
+    return within.square().sum() / features.shape[0]
 
 
 def singular_values(M: Tensor) -> Tensor:
