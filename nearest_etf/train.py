@@ -5,7 +5,11 @@ building it), data order (a loader generator seeded with seed), optimiser and sc
 differ only in the head. After every epoch the training-set collapse metrics
 (`nearest_etf.metrics.collapse_metrics`, on the features the head sees) and the test loss and
 accuracy are recorded. Outputs in the output directory: metrics.csv and metrics.json (config
-and one row per head, seed, epoch) and comparison.png (mean over seeds, min-max band).
+and one row per head, seed, epoch), comparison.png (mean over seeds, min-max band) and, for the
+MLP without a head temperature, network-<head>-seed<s>.pt per run: the trained eval-mode network
+as a `nearest_etf.layer_stack.LayerStack` (BatchNorm folded into the linear layers, the head's
+classifier as the last layer, the flattened training inputs as X; float64, so about
+8 * m * in_1 bytes for the inputs) for `nearest-etf bounds`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from tqdm.auto import tqdm
 
 from nearest_etf.data import DataSplits, load_dataset, make_loader
 from nearest_etf.heads import HEADS, make_head
+from nearest_etf.layer_stack import layer_stack_of, save_layer_stack
 from nearest_etf.losses import LOSSES, loss_function
 from nearest_etf.metrics import collapse_metrics
 from nearest_etf.models import MODELS, Classifier, make_backbone
@@ -123,10 +128,25 @@ def _evaluate(
     return total_loss / count, 100.0 * correct / count
 
 
+def _save_network(
+    model: Classifier, data: DataSplits, config: TrainConfig, row: dict[str, object], path: Path
+) -> None:
+    """Write the eval-mode model with the training inputs as a LayerStack to `path`."""
+    meta = {"source": "train", "config": asdict(config)}
+    meta |= {k: row[k] for k in ("head", "seed", "epoch", "train_accuracy", "test_accuracy")}
+    save_layer_stack(layer_stack_of(model, data.x_train, data.y_train, meta), path)
+
+
 def train_run(
-    data: DataSplits, config: TrainConfig, head_name: str, seed: int
+    data: DataSplits,
+    config: TrainConfig,
+    head_name: str,
+    seed: int,
+    network_dir: Path | None = None,
 ) -> list[dict[str, object]]:
-    """Train backbone + head `head_name` with `seed`; one metrics row per epoch."""
+    """Train backbone + head `head_name` with `seed`; one metrics row per epoch. With
+    `network_dir` (and an MLP without temperature) also write
+    network_dir/network-<head>-seed<seed>.pt (see the module docstring)."""
     device = torch.device(config.device)
     torch.manual_seed(seed)
     backbone = make_backbone(config.model, data.input_shape, config.widths)
@@ -181,17 +201,23 @@ def train_run(
         rows.append(row)
         bar.set_postfix(test_acc=f"{test_accuracy:.1f}", nc1=f"{metrics['nc1']:.3g}")
     bar.close()
+    if network_dir is not None and config.model == "mlp" and config.temperature is None:
+        path = network_dir / f"network-{head_name}-seed{seed}.pt"
+        _save_network(model, data, config, rows[-1], path)
     return rows
 
 
-def train_all(config: TrainConfig, data: DataSplits | None = None) -> list[dict[str, object]]:
-    """train_run for every head and seed 0..seeds-1 on the configured data set."""
+def train_all(
+    config: TrainConfig, data: DataSplits | None = None, network_dir: Path | None = None
+) -> list[dict[str, object]]:
+    """train_run for every head and seed 0..seeds-1 on the configured data set (writing the
+    networks into `network_dir` when given)."""
     if data is None:
         data = load_dataset(config.dataset).subset(config.train_subset, config.test_subset)
     rows: list[dict[str, object]] = []
     for seed in range(config.seeds):
         for head in config.heads:
-            rows += train_run(data, config, head, seed)
+            rows += train_run(data, config, head, seed, network_dir)
     return rows
 
 
@@ -296,7 +322,7 @@ def main(args: argparse.Namespace) -> None:
         f"{Path(args.dataset).name}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     print(f"output directory: {out_dir}")
-    rows = train_all(config)
+    rows = train_all(config, network_dir=out_dir)
     paths = write_results(rows, config, out_dir)
     print(_summary(rows, heads))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -12,10 +12,17 @@ from nearest_etf.dufm.analysis import DEFAULT_RANK_RTOL, analyse_layers, hidden_
 from nearest_etf.dufm.model import DUFMProblem
 from nearest_etf.dufm.reference import ReferenceLosses, reference_losses
 from nearest_etf.dufm.train import TrainConfig, TrainResult, train_dufm
+from nearest_etf.layer_stack import LayerStack, save_layer_stack
 
 _DNC_LOSS_RTOL = 1.01
 
-__all__ = ["cached_reference_losses", "run_and_summarise", "run_experiment", "summarise"]
+__all__ = [
+    "cached_reference_losses",
+    "layer_stack_of_dufm",
+    "run_and_summarise",
+    "run_experiment",
+    "summarise",
+]
 
 
 @functools.lru_cache(maxsize=64)
@@ -74,11 +81,20 @@ def run_and_summarise(config: TrainConfig, rank_rtol: float = DEFAULT_RANK_RTOL)
     return summarise(result, cached_reference_losses(config.problem()), rank_rtol)
 
 
+def layer_stack_of_dufm(result: TrainResult, meta: dict | None = None) -> LayerStack:
+    """The trained DUFM as a network: weights W_1..W_L, ReLU between layers, no biases, and
+    the free features as the data, inputs X = H_1^T [N, d] with labels j // n."""
+    problem = result.config.problem()
+    H1, *weights = result.params
+    return LayerStack(weights, [None] * len(weights), H1.T, problem.labels, dict(meta or {}))
+
+
 def run_experiment(
     config: TrainConfig, out: Path, rank_rtol: float = DEFAULT_RANK_RTOL, progress: bool = True
 ) -> dict:
     """Train with a progress bar and write to ``out``: loss_curve.csv, layers.csv,
-    summary.json, loss_curve.png and singular_values.png. Returns the summary."""
+    summary.json, loss_curve.png, singular_values.png and network.pt (`layer_stack_of_dufm`,
+    for `nearest-etf bounds`). Returns the summary."""
     from nearest_etf.dufm.plots import plot_loss_curve, plot_singular_values
 
     out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +121,9 @@ def run_experiment(
             row["singular_values"] = " ".join(f"{v:.6g}" for v in s.singular_values)
             writer.writerow(row)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    meta = {"source": "dufm run", "config": asdict(config), "found_dnc": summary["found_dnc"]}
+    meta |= {"loss_over_dnc": summary["loss_over_dnc"], "inner_rank": summary["inner_rank"]}
+    save_layer_stack(layer_stack_of_dufm(result, meta), out / "network.pt")
     plot_loss_curve(result, refs, out / "loss_curve.png")
     plot_singular_values(stats, rank_rtol, out / "singular_values.png")
     return summary
