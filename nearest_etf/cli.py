@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from nearest_etf import demo, dufm, train, ufm_cli
+from nearest_etf import bounds_cli, demo, dufm, train, ufm_cli
 
-_COMMANDS = (demo, dufm, ufm_cli, train)
+_COMMANDS = (bounds_cli, demo, dufm, ufm_cli, train)
 
 
 def build_parser() -> argparse.ArgumentParser:
