@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+
+from torch import Tensor
 
 from nearest_etf.dufm.analysis import DEFAULT_RANK_RTOL, analyse_layers, hidden_ranks, is_dnc
 from nearest_etf.dufm.model import DUFMProblem
@@ -81,11 +84,13 @@ def run_and_summarise(config: TrainConfig, rank_rtol: float = DEFAULT_RANK_RTOL)
     return summarise(result, cached_reference_losses(config.problem()), rank_rtol)
 
 
-def layer_stack_of_dufm(result: TrainResult, meta: dict | None = None) -> LayerStack:
-    """The trained DUFM as a network: weights W_1..W_L, ReLU between layers, no biases, and
-    the free features as the data, inputs X = H_1^T [N, d] with labels j // n."""
-    problem = result.config.problem()
-    H1, *weights = result.params
+def layer_stack_of_dufm(
+    problem: DUFMProblem, params: Sequence[Tensor], meta: dict | None = None
+) -> LayerStack:
+    """A DUFM point [H_1, W_1..W_L] as a network: weights W_1..W_L, ReLU between layers, no
+    biases, and the free features as the data, inputs X = H_1^T [N, d] with labels j // n."""
+    problem.check_params(params)
+    H1, *weights = params
     return LayerStack(weights, [None] * len(weights), H1.T, problem.labels, dict(meta or {}))
 
 
@@ -123,7 +128,7 @@ def run_experiment(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     meta = {"source": "dufm run", "config": asdict(config), "found_dnc": summary["found_dnc"]}
     meta |= {"loss_over_dnc": summary["loss_over_dnc"], "inner_rank": summary["inner_rank"]}
-    save_layer_stack(layer_stack_of_dufm(result, meta), out / "network.pt")
+    save_layer_stack(layer_stack_of_dufm(problem, result.params, meta), out / "network.pt")
     plot_loss_curve(result, refs, out / "loss_curve.png")
     plot_singular_values(stats, rank_rtol, out / "singular_values.png")
     return summary
