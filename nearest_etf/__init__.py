@@ -6,11 +6,22 @@ collapse metrics are re-exported here; the experiments live in their modules
 (`nearest_etf.ufm`, `nearest_etf.dufm`, `nearest_etf.train`).
 """
 
+from nearest_etf.bounds import (
+    BoundsResult,
+    LayerBound,
+    bartlett_bound,
+    generalisation_gap_bound,
+    golowich_bound,
+    network_bounds,
+    neyshabur_bound,
+    rank_aware_bound,
+)
 from nearest_etf.class_means import AVERAGES, ClassMeanTracker
 from nearest_etf.declarative import BACKWARD_MODES, DeclarativeNode, Solver, conjugate_gradient
 from nearest_etf.etf import centering_matrix, etf_classifier, random_stiefel, simplex_etf
 from nearest_etf.geometry import ConstraintGeometry, geometry_of
 from nearest_etf.heads import HEADS, FixedETFHead, ImplicitETFHead, LearnedHead, make_head
+from nearest_etf.layer_stack import LayerStack, layer_stack_of, load_layer_stack, save_layer_stack
 from nearest_etf.losses import LOSSES, dot_regression_loss, loss_function, mse_one_hot_loss
 from nearest_etf.metrics import (
     CollapseStatistics,
@@ -49,16 +60,20 @@ __all__ = [
     "HEADS",
     "LOSSES",
     "SOLVERS",
+    "BoundsResult",
     "ClassMeanTracker",
     "CollapseStatistics",
     "ConstraintGeometry",
     "DeclarativeNode",
     "FixedETFHead",
     "ImplicitETFHead",
+    "LayerBound",
+    "LayerStack",
     "LearnedHead",
     "RiemannianAdam",
     "Solver",
     "TrustRegions",
+    "bartlett_bound",
     "bias_collapse",
     "centering_matrix",
     "class_means",
@@ -71,7 +86,11 @@ __all__ = [
     "equinorm",
     "etf_classifier",
     "etf_distance",
+    "generalisation_gap_bound",
     "geometry_of",
+    "golowich_bound",
+    "layer_stack_of",
+    "load_layer_stack",
     "loss_function",
     "make_head",
     "mse_one_hot_loss",
@@ -80,12 +99,16 @@ __all__ = [
     "nearest_etf",
     "nearest_etf_distance",
     "nearest_etf_objective",
+    "network_bounds",
+    "neyshabur_bound",
     "numerical_rank",
     "orthogonal_frame_distance",
     "polar",
     "polar_vjp",
     "procrustes_target",
     "random_stiefel",
+    "rank_aware_bound",
+    "save_layer_stack",
     "self_duality",
     "simplex_etf",
     "singular_values",
