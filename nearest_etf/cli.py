@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from nearest_etf import bounds_cli, demo, dufm, train, ufm_cli
+from nearest_etf import adaptive_etf, bounds_cli, demo, dufm, etf_transformer, train, ufm_cli
 
-_COMMANDS = (bounds_cli, demo, dufm, ufm_cli, train)
+_COMMANDS = (adaptive_etf, bounds_cli, demo, dufm, etf_transformer, train, ufm_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,7 @@ __all__ = [
     "equinorm",
     "etf_distance",
     "nc1",
+    "ncc_accuracy",
     "ncc_mismatch",
     "nearest_etf_distance",
     "numerical_rank",
@@ -229,6 +230,22 @@ def ncc_mismatch(features: Tensor, predictions: Tensor, means: Tensor) -> float:
     if predictions.shape != features.shape[:1]:
         raise ValueError(f"predictions must have shape [{features.shape[0]}]")
     return 100.0 * float((_ncc_predictions(features, means) != predictions).double().mean())
+
+
+def ncc_accuracy(
+    features: Tensor, labels: Tensor, num_classes: int, means: Tensor | None = None
+) -> float:
+    """Nearest-class-centre accuracy, the fraction in [0, 1] of samples with
+    argmin_k ||h_i - mu_k|| = y_i, for features[N, d], labels[N] and class means[K, d]
+    (default: the class means of these features, `class_means`)."""
+    _check_features(features, labels, num_classes)
+    if means is None:
+        means, _ = class_means(features, labels, num_classes)
+    elif means.shape != (num_classes, features.shape[1]):
+        raise ValueError(
+            f"means must have shape ({num_classes}, {features.shape[1]}), got {tuple(means.shape)}"
+        )
+    return float((_ncc_predictions(features, means) == labels).double().mean())
 
 
 def _cosine_margins(

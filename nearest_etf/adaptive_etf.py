@@ -1,0 +1,533 @@
+"""`nearest-etf adaptive-etf`: Adaptive-ETF MLPs (Liu, arXiv 2412.00884) against the baseline
+and a fixed-last-k-layers network, with per-layer NCC accuracy curves.
+
+Network: x -> [Linear(., h) -> BatchNorm1d -> ReLU] x D -> Linear(h, K) (`models.MLP` plus a
+linear classifier), trained with cross-entropy and SGD (lr 0.01, momentum 0.9, weight decay
+5e-4, batch 128, constant lr: the paper's settings). Methods, all from the same initialisation
+and data order per seed:
+
+- ``baseline``: every layer trainable;
+- ``fixed-last-k``: the last k linear layers (the classifier included) are canonical ETFs
+  (`etf_layers.fix_last_layers`) from the start;
+- ``adaptive-canonical`` / ``adaptive-nearest``: after every epoch the training-set NCC
+  accuracy of every hidden layer's output (after its ReLU; `layer_probe.layer_collapse`) is fed
+  to `AdaptiveETFRule`; once hidden layer l has NCC accuracy >= threshold (0.9) for `patience`
+  (5) consecutive epochs, then before the next epoch the linear layer of block l and all later
+  ones (the K x h classifier included) are frozen to ETFs (a decision after the last epoch is
+  not applied: the frozen network would be untrained): the canonical ETF (the paper) or the
+  ETF nearest to each layer's current weight (a Procrustes solve with
+  `nearest_etf.nearest_etf`; our variant).
+  Biases and batch norm stay trainable.
+
+Effective depth (reported 1-based): the first hidden layer whose training NCC accuracy reaches
+the threshold, at the last epoch for the baseline and at the freeze for the adaptive runs.
+
+Outputs in the output directory: metrics.csv / metrics.json (config, one row per method, seed
+and epoch with per-layer ``ncc_l`` and ``nc1_l``), summary.csv / summary.json (final accuracies,
+trainable parameters, effective depths, freeze epochs, run times), ncc_curves.png,
+accuracy.png, and network-<method>-seed<s>.pt per run (the trained eval-mode network as a
+`nearest_etf.layer_stack.LayerStack` with the training inputs, for `nearest-etf bounds`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from nearest_etf.data import DataSplits, load_dataset, make_loader
+from nearest_etf.etf_layers import (
+    convert_to_etf,
+    fix_last_layers,
+    linear_layer_names,
+    trainable_parameters,
+)
+from nearest_etf.layer_probe import effective_depth, layer_collapse
+from nearest_etf.layer_stack import layer_stack_of, save_layer_stack
+from nearest_etf.models import MLP
+
+__all__ = [
+    "AdaptiveETFConfig",
+    "AdaptiveETFRule",
+    "accuracy",
+    "add_parser",
+    "build_mlp",
+    "format_summary",
+    "method_names",
+    "run_adaptive_etf",
+    "train_epoch",
+    "write_results",
+]
+
+
+class AdaptiveETFRule:
+    """The Adaptive-ETF freezing criterion on a sequence of per-epoch NCC accuracies.
+
+    `update(ncc)` takes the NCC accuracies (fractions) of the `num_layers` hidden layers after
+    an epoch. Layer l's streak counts the consecutive epochs, up to this one, with
+    ncc[l] >= threshold. The first time some not-yet-frozen layer reaches streak >= patience,
+    `frozen_from` becomes the smallest such l and `update` returns it (freeze layer l and all
+    later ones); it returns None otherwise. Later calls keep watching the layers before
+    `frozen_from`, so the frozen block can only grow towards the input.
+    """
+
+    def __init__(self, num_layers: int, threshold: float = 0.9, patience: int = 5) -> None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be an accuracy in [0, 1], got {threshold}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be a positive int (epochs), got {patience!r}")
+        self.num_layers, self.threshold, self.patience = num_layers, threshold, patience
+        self.streaks = [0] * num_layers
+        self.frozen_from: int | None = None
+        self.epochs_seen = 0
+
+    def update(self, ncc_accuracies: Sequence[float]) -> int | None:
+        """Record one epoch's NCC accuracies [num_layers]; the layer to freeze from, or None."""
+        values = [float(a) for a in ncc_accuracies]
+        if len(values) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} NCC accuracies, got {len(values)}")
+        if not all(0.0 <= a <= 1.0 for a in values):
+            raise ValueError(f"NCC accuracies must be fractions in [0, 1], got {values}")
+        self.epochs_seen += 1
+        self.streaks = [
+            s + 1 if a >= self.threshold else 0 for s, a in zip(self.streaks, values, strict=True)
+        ]
+        watched = self.num_layers if self.frozen_from is None else self.frozen_from
+        ready = [i for i in range(watched) if self.streaks[i] >= self.patience]
+        if not ready:
+            return None
+        self.frozen_from = ready[0]
+        return self.frozen_from
+
+
+def build_mlp(in_features: int, depth: int, width: int, num_classes: int) -> nn.Sequential:
+    """[Flatten, (Linear -> BatchNorm1d -> ReLU) x depth] (`models.MLP`) then Linear(width, K)."""
+    if depth < 1 or width < 2:
+        raise ValueError(f"need depth >= 1 and width >= 2, got depth={depth}, width={width}")
+    return nn.Sequential(MLP(in_features, (width,) * depth), nn.Linear(width, num_classes))
+
+
+def _relu_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.ReLU)]
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    on_step: Callable[[], None] | None = None,
+) -> float:
+    """One pass over `loader` in train mode; returns the mean step loss."""
+    model.train()
+    device = next(model.parameters()).device
+    total = 0.0
+    for x, y in loader:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x.to(device)), y.to(device))
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+        if on_step is not None:
+            on_step()
+    return total / len(loader)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
+    """Accuracy in percent of argmax model(x) in eval mode (the model's mode is restored)."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            logits = model(x[start : start + batch_size].to(device))
+            correct += int((logits.argmax(1).cpu() == y[start : start + batch_size]).sum())
+    model.train(was_training)
+    return 100.0 * correct / len(x)
+
+
+@dataclass(frozen=True)
+class AdaptiveETFConfig:
+    """Options of one `nearest-etf adaptive-etf` invocation (see `add_parser`)."""
+
+    dataset: str = "mnist1d"
+    depth: int = 6
+    width: int = 256
+    epochs: int = 30
+    seeds: int = 2
+    fixed_last: int = 3
+    threshold: float = 0.9
+    patience: int = 5
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    probe_samples: int = 2000
+    train_subset: int | None = None
+    test_subset: int | None = None
+    device: str = "cpu"
+    progress: bool = True
+    save_networks: bool = True
+    methods: tuple[str, ...] = field(default=())
+
+
+def method_names(config: AdaptiveETFConfig) -> tuple[str, ...]:
+    """The compared methods: the configured ones, or all four."""
+    return config.methods or (
+        "baseline",
+        f"fixed-last-{config.fixed_last}",
+        "adaptive-canonical",
+        "adaptive-nearest",
+    )
+
+
+def _check_config(config: AdaptiveETFConfig, data: DataSplits) -> None:
+    if config.depth < 1 or config.width < 2:
+        raise ValueError(f"need --depth >= 1 and --width >= 2, got {config.depth}, {config.width}")
+    if config.width < data.num_classes:
+        raise ValueError(
+            f"--width {config.width} < {data.num_classes} classes: the K x h classifier ETF "
+            "needs h >= K"
+        )
+    if not 0 <= config.fixed_last <= config.depth + 1:
+        raise ValueError(f"--fixed-last must lie in [0, {config.depth + 1}] (linear layers)")
+    known = {"baseline", "adaptive-canonical", "adaptive-nearest"}
+    for method in method_names(config):
+        if method not in known and not method.startswith("fixed-last-"):
+            raise ValueError(f"unknown method {method!r}")
+
+
+def _run(
+    data: DataSplits, config: AdaptiveETFConfig, method: str, seed: int, out_dir: Path | None
+) -> list[dict[str, object]]:
+    """Train one network; one row per epoch."""
+    device = torch.device(config.device)
+    torch.manual_seed(seed)
+    model = build_mlp(math.prod(data.input_shape), config.depth, config.width, data.num_classes).to(
+        device
+    )
+    linears, probes = linear_layer_names(model), _relu_names(model)
+    if method.startswith("fixed-last-"):
+        fix_last_layers(model, int(method.removeprefix("fixed-last-")))
+    rule = (
+        AdaptiveETFRule(config.depth, config.threshold, config.patience)
+        if method.startswith("adaptive-")
+        else None
+    )
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    loader = make_loader(
+        data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
+    )
+    x_probe, y_probe = data.x_train[: config.probe_samples], data.y_train[: config.probe_samples]
+    loss_fn = nn.CrossEntropyLoss()
+    bar = tqdm(
+        total=config.epochs * len(loader),
+        desc=f"{method} seed {seed}",
+        unit="step",
+        disable=not config.progress,
+        mininterval=0.5,
+    )
+    rows: list[dict[str, object]] = []
+    start = time.perf_counter()
+    frozen_from = frozen_epoch = pending = None
+    for epoch in range(1, config.epochs + 1):
+        if pending is not None:  # decided after the previous epoch, applied before this one
+            convert_to_etf(model, linears[pending:], method.removeprefix("adaptive-"))
+            frozen_from, frozen_epoch, pending = pending, epoch - 1, None
+        train_loss = train_epoch(model, loader, optimizer, loss_fn, bar.update)
+        layers = layer_collapse(model, probes, x_probe, y_probe, data.num_classes)
+        ncc = [layers[name]["ncc_accuracy"] for name in probes]
+        row: dict[str, object] = {
+            "method": method,
+            "seed": seed,
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_accuracy": accuracy(model, data.x_train, data.y_train),
+            "test_accuracy": accuracy(model, data.x_test, data.y_test),
+            "trainable_params": trainable_parameters(model),
+            "frozen_from": -1 if frozen_from is None else frozen_from + 1,
+            "frozen_epoch": -1 if frozen_epoch is None else frozen_epoch,
+            "seconds": time.perf_counter() - start,
+        }
+        row |= {f"ncc_{i + 1}": a for i, a in enumerate(ncc)}
+        row |= {f"nc1_{i + 1}": layers[name]["nc1"] for i, name in enumerate(probes)}
+        rows.append(row)
+        if rule is not None:
+            pending = rule.update(ncc)
+        bar.set_postfix(test_acc=f"{row['test_accuracy']:.1f}", frozen=row["frozen_from"])
+    bar.close()
+    if out_dir is not None and config.save_networks:
+        meta = {"source": "adaptive-etf", "config": asdict(config)}
+        meta |= {k: rows[-1][k] for k in ("method", "seed", "epoch", "test_accuracy")}
+        meta["train_accuracy"] = rows[-1]["train_accuracy"]
+        stack = layer_stack_of(model.cpu(), data.x_train, data.y_train, meta)
+        save_layer_stack(stack, out_dir / f"network-{method}-seed{seed}.pt")
+    return rows
+
+
+def run_adaptive_etf(
+    config: AdaptiveETFConfig, data: DataSplits | None = None, out_dir: Path | None = None
+) -> list[dict[str, object]]:
+    """Every method with seeds 0..seeds-1; all rows (networks saved into out_dir if given)."""
+    if data is None:
+        data = load_dataset(config.dataset).subset(config.train_subset, config.test_subset)
+    _check_config(config, data)
+    if len(data.x_train) < config.batch_size:
+        raise ValueError(
+            f"{len(data.x_train)} training samples < batch size {config.batch_size} "
+            "(the last incomplete batch is dropped)"
+        )
+    rows: list[dict[str, object]] = []
+    for seed in range(config.seeds):
+        for method in method_names(config):
+            rows += _run(data, config, method, seed, out_dir)
+    return rows
+
+
+def _summary_rows(
+    rows: Sequence[dict[str, object]], config: AdaptiveETFConfig
+) -> list[dict[str, object]]:
+    """Per method, over seeds: final accuracies (mean, std), trainable parameters, effective
+    depth and freeze epoch per seed, seconds per run."""
+    out = []
+    for method in method_names(config):
+        final = [r for r in rows if r["method"] == method and r["epoch"] == config.epochs]
+        ncc_final = [[float(r[f"ncc_{i + 1}"]) for i in range(config.depth)] for r in final]
+        if method.startswith("adaptive-"):
+            depths = [int(r["frozen_from"]) for r in final]
+        else:
+            depths = [
+                -1 if (d := effective_depth(n, config.threshold)) is None else d + 1
+                for n in ncc_final
+            ]
+        summary: dict[str, object] = {"method": method, "seeds": len(final)}
+        for key in ("test_accuracy", "train_accuracy"):
+            values = np.array([float(r[key]) for r in final])
+            summary[f"{key}_mean"] = float(values.mean())
+            summary[f"{key}_std"] = float(values.std())
+        summary["trainable_params"] = float(np.mean([int(r["trainable_params"]) for r in final]))
+        summary["effective_depth"] = " ".join(map(str, depths))
+        summary["frozen_epoch"] = " ".join(str(r["frozen_epoch"]) for r in final)
+        summary["seconds_per_run"] = float(np.mean([float(r["seconds"]) for r in final]))
+        out.append(summary)
+    return out
+
+
+def _mean_curve(rows: Sequence[dict[str, object]], method: str, key: str) -> np.ndarray:
+    mine = [r for r in rows if r["method"] == method]
+    epochs = sorted({int(r["epoch"]) for r in mine})
+    return np.array([np.mean([float(r[key]) for r in mine if r["epoch"] == e]) for e in epochs])
+
+
+def _plot_ncc(rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, path: Path) -> None:
+    """Per method: training NCC accuracy of every hidden layer vs epoch (mean over seeds)."""
+    methods = method_names(config)
+    fig = Figure(figsize=(4 * len(methods), 3.4))
+    epochs = np.arange(1, config.epochs + 1)
+    colours = [f"C{i % 10}" for i in range(config.depth)]
+    for j, method in enumerate(methods):
+        ax = fig.add_subplot(1, len(methods), j + 1)
+        for i in range(config.depth):
+            ax.plot(epochs, _mean_curve(rows, method, f"ncc_{i + 1}"), colours[i], label=f"{i + 1}")
+        ax.axhline(config.threshold, color="grey", linestyle=":", linewidth=1)
+        for r in rows:
+            if r["method"] == method and r["epoch"] == config.epochs and r["frozen_epoch"] != -1:
+                ax.axvline(int(r["frozen_epoch"]), color="k", linestyle="--", linewidth=0.8)
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylim(0, 1.02)
+        ax.tick_params(labelsize=7)
+        if j == 0:
+            ax.set_ylabel("train NCC accuracy", fontsize=8)
+            ax.legend(title="layer", fontsize=7, title_fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def _plot_accuracy(
+    rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, path: Path
+) -> None:
+    """Train/test accuracy and trainable parameters vs epoch per method (mean over seeds)."""
+    panels = (
+        ("train_accuracy", "train accuracy [%]"),
+        ("test_accuracy", "test accuracy [%]"),
+        ("trainable_params", "trainable parameters"),
+    )
+    fig = Figure(figsize=(12, 3.4))
+    epochs = np.arange(1, config.epochs + 1)
+    for j, (key, title) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), j + 1)
+        for method in method_names(config):
+            ax.plot(epochs, _mean_curve(rows, method, key), label=method)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if j == 0:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def _write_csv(rows: Sequence[dict[str, object]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_results(
+    rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, out_dir: Path
+) -> dict[str, Path]:
+    """metrics.csv/json, summary.csv/json, ncc_curves.png and accuracy.png into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        name: out_dir / name
+        for name in (
+            "metrics.csv",
+            "metrics.json",
+            "summary.csv",
+            "summary.json",
+            "ncc_curves.png",
+            "accuracy.png",
+        )
+    }
+    summary = _summary_rows(rows, config)
+    _write_csv(rows, paths["metrics.csv"])
+    _write_csv(summary, paths["summary.csv"])
+    paths["metrics.json"].write_text(
+        json.dumps({"config": asdict(config), "rows": list(rows)}, indent=1)
+    )
+    paths["summary.json"].write_text(
+        json.dumps({"config": asdict(config), "summary": summary}, indent=1)
+    )
+    _plot_ncc(rows, config, paths["ncc_curves.png"])
+    _plot_accuracy(rows, config, paths["accuracy.png"])
+    return paths
+
+
+def format_summary(summary: Sequence[dict[str, object]]) -> str:
+    """A plain-text table of `summary.csv`."""
+    header = (
+        f"{'method':<20}{'test acc [%]':>16}{'train acc [%]':>16}{'trainable':>11}"
+        f"{'eff. depth':>12}{'frozen at':>12}{'s/run':>8}"
+    )
+    lines = [header]
+    for s in summary:
+        lines.append(
+            f"{s['method']:<20}"
+            f"{s['test_accuracy_mean']:>9.2f} +- {s['test_accuracy_std']:<4.2f}"
+            f"{s['train_accuracy_mean']:>9.2f} +- {s['train_accuracy_std']:<4.2f}"
+            f"{s['trainable_params']:>11.0f}{s['effective_depth']:>12}{s['frozen_epoch']:>12}"
+            f"{s['seconds_per_run']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    config = AdaptiveETFConfig(
+        dataset=args.dataset,
+        depth=args.depth,
+        width=args.width,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        fixed_last=args.fixed_last,
+        threshold=args.threshold,
+        patience=args.patience,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        probe_samples=args.probe_samples,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        device=args.device,
+        progress=not args.no_progress,
+        save_networks=not args.no_networks,
+    )
+    out_dir = args.out or Path("runs") / "adaptive-etf" / (
+        f"{Path(args.dataset).name}-D{args.depth}-h{args.width}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    print(f"output directory: {out_dir}")
+    rows = run_adaptive_etf(config, out_dir=out_dir)
+    paths = write_results(rows, config, out_dir)
+    print(format_summary(_summary_rows(rows, config)))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    d = AdaptiveETFConfig()
+    parser = subparsers.add_parser(
+        "adaptive-etf",
+        help="Adaptive-ETF MLPs vs baseline and fixed-last-k ETF layers; per-layer NCC curves",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=d.dataset,
+        help="mnist1d | digits | gaussian | a directory of MNIST/Fashion-MNIST IDX files",
+    )
+    parser.add_argument("--depth", type=_positive_int, default=d.depth, help="hidden layers D")
+    parser.add_argument("--width", type=_positive_int, default=d.width, help="hidden width h")
+    parser.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    parser.add_argument(
+        "--seeds", type=_positive_int, default=d.seeds, help="runs with seeds 0..S-1"
+    )
+    parser.add_argument(
+        "--fixed-last",
+        type=int,
+        default=d.fixed_last,
+        help="k of the fixed-last-k baseline (linear layers, classifier included)",
+    )
+    parser.add_argument("--threshold", type=float, default=d.threshold, help="NCC accuracy")
+    parser.add_argument("--patience", type=_positive_int, default=d.patience, help="epochs")
+    parser.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--momentum", type=float, default=d.momentum)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument(
+        "--probe-samples",
+        type=_positive_int,
+        default=d.probe_samples,
+        help="training samples on which the per-layer NCC accuracy and NC1 are measured",
+    )
+    parser.add_argument("--train-subset", type=_positive_int, default=None)
+    parser.add_argument("--test-subset", type=_positive_int, default=None)
+    parser.add_argument("--device", default=d.device, help="cpu, cuda, ...")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch CPU threads (these models are small: more threads mostly add contention)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output directory")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument(
+        "--no-networks", action="store_true", help="do not save network-*.pt layer stacks"
+    )
+    parser.set_defaults(func=main)

@@ -1,0 +1,345 @@
+"""`nearest-etf etf-transformer`: a small patch transformer classifier with and without simplex-ETF
+feed-forward layers (the ETF-Transformer of Liu, arXiv 2412.00884).
+
+Model (`PatchTransformer`): the flattened input x [L] is cut into L/p patches of length p (the
+tokens), embedded by a Linear(p, d) plus a learned position embedding, passed through
+`nn.TransformerEncoderLayer` blocks (pre-norm, ReLU, no dropout; model width d, FFN width f),
+mean-pooled over tokens, layer-normed and classified by a Linear(d, K). With ETF feed-forward
+layers, both FFN linears of every block (linear1 [f, d], linear2 [d, f]) are converted by
+`etf_layers.convert_to_etf` at initialisation: "canonical" (the identity frame) or "nearest"
+(the ETF nearest to the random initial weight, i.e. a random frame); their biases stay
+trainable. All variants start from the same initialisation and data order per seed and train
+with AdamW and cross-entropy.
+
+Outputs in the output directory: metrics.csv / metrics.json (one row per variant, seed and
+epoch), summary.csv / summary.json (final accuracies, trainable parameters, seconds per run) and
+accuracy.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from nearest_etf.adaptive_etf import accuracy, train_epoch
+from nearest_etf.data import DataSplits, load_dataset, make_loader
+from nearest_etf.etf_layers import convert_to_etf, trainable_parameters
+
+__all__ = [
+    "VARIANTS",
+    "ETFTransformerConfig",
+    "PatchTransformer",
+    "add_parser",
+    "feed_forward_names",
+    "run_etf_transformer",
+]
+
+VARIANTS = ("baseline", "etf-canonical", "etf-nearest")
+
+
+class PatchTransformer(nn.Module):
+    """logits [N, K] = Linear(LayerNorm(mean_t Encoder(Embed(patches(x)) + pos)_t)) for inputs
+    x [N, ...] with L = prod(...) features, cut into L/p tokens of length p."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        patch_size: int = 4,
+        width: int = 64,
+        ffn_width: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+    ) -> None:
+        super().__init__()
+        if in_features % patch_size:
+            raise ValueError(
+                f"patch size {patch_size} does not divide the {in_features} input features"
+            )
+        if width % heads:
+            raise ValueError(f"width {width} must be divisible by the number of heads {heads}")
+        self.patch_size = patch_size
+        self.embed = nn.Linear(patch_size, width)
+        self.position = nn.Parameter(0.02 * torch.randn(in_features // patch_size, width))
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                width, heads, ffn_width, dropout=0.0, batch_first=True, norm_first=True
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.embed(x.reshape(len(x), -1, self.patch_size)) + self.position
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.classifier(self.norm(tokens.mean(dim=1)))
+
+
+def feed_forward_names(model: nn.Module) -> list[str]:
+    """Qualified names of the FFN linears (linear1, linear2) of every TransformerEncoderLayer."""
+    return [
+        f"{name}.{part}"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.TransformerEncoderLayer)
+        for part in ("linear1", "linear2")
+    ]
+
+
+@dataclass(frozen=True)
+class ETFTransformerConfig:
+    """Options of one `nearest-etf etf-transformer` invocation (see `add_parser`)."""
+
+    dataset: str = "mnist1d"
+    patch_size: int = 4
+    width: int = 64
+    ffn_width: int = 256
+    depth: int = 2
+    heads: int = 4
+    epochs: int = 15
+    seeds: int = 2
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    variants: tuple[str, ...] = VARIANTS
+    train_subset: int | None = None
+    test_subset: int | None = None
+    device: str = "cpu"
+    progress: bool = True
+
+
+def _run(
+    data: DataSplits, config: ETFTransformerConfig, variant: str, seed: int
+) -> list[dict[str, object]]:
+    device = torch.device(config.device)
+    torch.manual_seed(seed)
+    model = PatchTransformer(
+        math.prod(data.input_shape),
+        data.num_classes,
+        config.patch_size,
+        config.width,
+        config.ffn_width,
+        config.depth,
+        config.heads,
+    ).to(device)
+    if variant != "baseline":
+        convert_to_etf(model, feed_forward_names(model), variant.removeprefix("etf-"))
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
+    loader = make_loader(
+        data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    bar = tqdm(
+        total=config.epochs * len(loader),
+        desc=f"{variant} seed {seed}",
+        unit="step",
+        disable=not config.progress,
+        mininterval=0.5,
+    )
+    rows: list[dict[str, object]] = []
+    start = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        train_loss = train_epoch(model, loader, optimizer, loss_fn, bar.update)
+        row: dict[str, object] = {
+            "variant": variant,
+            "seed": seed,
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_accuracy": accuracy(model, data.x_train, data.y_train),
+            "test_accuracy": accuracy(model, data.x_test, data.y_test),
+            "trainable_params": trainable_parameters(model),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "seconds": time.perf_counter() - start,
+        }
+        rows.append(row)
+        bar.set_postfix(test_acc=f"{row['test_accuracy']:.1f}")
+    bar.close()
+    return rows
+
+
+def run_etf_transformer(
+    config: ETFTransformerConfig, data: DataSplits | None = None
+) -> list[dict[str, object]]:
+    """Every variant with seeds 0..seeds-1; all rows."""
+    unknown = [v for v in config.variants if v not in VARIANTS]
+    if unknown or not config.variants:
+        raise ValueError(f"variants must be among {VARIANTS}, got {config.variants}")
+    if data is None:
+        data = load_dataset(config.dataset).subset(config.train_subset, config.test_subset)
+    features = math.prod(data.input_shape)
+    if features % config.patch_size:
+        raise ValueError(
+            f"--patch-size {config.patch_size} does not divide the {features} input features"
+        )
+    rows: list[dict[str, object]] = []
+    for seed in range(config.seeds):
+        for variant in config.variants:
+            rows += _run(data, config, variant, seed)
+    return rows
+
+
+def _summary_rows(
+    rows: Sequence[dict[str, object]], config: ETFTransformerConfig
+) -> list[dict[str, object]]:
+    out = []
+    for variant in config.variants:
+        final = [r for r in rows if r["variant"] == variant and r["epoch"] == config.epochs]
+        summary: dict[str, object] = {"variant": variant, "seeds": len(final)}
+        for key in ("test_accuracy", "train_accuracy"):
+            values = np.array([float(r[key]) for r in final])
+            summary[f"{key}_mean"] = float(values.mean())
+            summary[f"{key}_std"] = float(values.std())
+        summary["trainable_params"] = int(final[0]["trainable_params"])
+        summary["total_params"] = int(final[0]["total_params"])
+        summary["seconds_per_run"] = float(np.mean([float(r["seconds"]) for r in final]))
+        out.append(summary)
+    return out
+
+
+def format_summary(summary: Sequence[dict[str, object]]) -> str:
+    """A plain-text table of summary.csv."""
+    lines = [
+        f"{'variant':<16}{'test acc [%]':>16}{'train acc [%]':>16}{'trainable':>11}"
+        f"{'total':>9}{'s/run':>8}"
+    ]
+    for s in summary:
+        lines.append(
+            f"{s['variant']:<16}"
+            f"{s['test_accuracy_mean']:>9.2f} +- {s['test_accuracy_std']:<4.2f}"
+            f"{s['train_accuracy_mean']:>9.2f} +- {s['train_accuracy_std']:<4.2f}"
+            f"{s['trainable_params']:>11}{s['total_params']:>9}{s['seconds_per_run']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def write_results(
+    rows: Sequence[dict[str, object]], config: ETFTransformerConfig, out_dir: Path
+) -> dict[str, Path]:
+    """metrics.csv/json, summary.csv/json and accuracy.png into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = ("metrics.csv", "metrics.json", "summary.csv", "summary.json", "accuracy.png")
+    paths = {name: out_dir / name for name in names}
+    summary = _summary_rows(rows, config)
+    for table, key in ((rows, "metrics.csv"), (summary, "summary.csv")):
+        with paths[key].open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    paths["metrics.json"].write_text(
+        json.dumps({"config": asdict(config), "rows": list(rows)}, indent=1)
+    )
+    paths["summary.json"].write_text(
+        json.dumps({"config": asdict(config), "summary": summary}, indent=1)
+    )
+    fig = Figure(figsize=(8, 3.4))
+    epochs = np.arange(1, config.epochs + 1)
+    for j, (key, title) in enumerate(
+        (("train_accuracy", "train accuracy [%]"), ("test_accuracy", "test accuracy [%]"))
+    ):
+        ax = fig.add_subplot(1, 2, j + 1)
+        for s in summary:
+            mine = [r for r in rows if r["variant"] == s["variant"]]
+            curve = [np.mean([float(r[key]) for r in mine if r["epoch"] == e]) for e in epochs]
+            ax.plot(epochs, curve, label=f"{s['variant']} ({s['trainable_params']} trainable)")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if j == 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths["accuracy.png"], dpi=90)
+    return paths
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    config = ETFTransformerConfig(
+        dataset=args.dataset,
+        patch_size=args.patch_size,
+        width=args.width,
+        ffn_width=args.ffn_width,
+        depth=args.depth,
+        heads=args.heads,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        variants=tuple(args.variants),
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    out_dir = args.out or Path("runs") / "etf-transformer" / (
+        f"{Path(args.dataset).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    print(f"output directory: {out_dir}")
+    rows = run_etf_transformer(config)
+    paths = write_results(rows, config, out_dir)
+    print(format_summary(_summary_rows(rows, config)))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    d = ETFTransformerConfig()
+    parser = subparsers.add_parser(
+        "etf-transformer",
+        help="patch transformer classifier with and without simplex-ETF feed-forward layers",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=d.dataset,
+        help="mnist1d | digits | gaussian | a directory of MNIST/Fashion-MNIST IDX files",
+    )
+    parser.add_argument(
+        "--patch-size", type=_positive_int, default=d.patch_size, help="features per token"
+    )
+    parser.add_argument("--width", type=_positive_int, default=d.width, help="model width d")
+    parser.add_argument("--ffn-width", type=_positive_int, default=d.ffn_width, help="FFN width")
+    parser.add_argument("--depth", type=_positive_int, default=d.depth, help="encoder blocks")
+    parser.add_argument("--heads", type=_positive_int, default=d.heads, help="attention heads")
+    parser.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    parser.add_argument(
+        "--seeds", type=_positive_int, default=d.seeds, help="runs with seeds 0..S-1"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(d.variants))
+    parser.add_argument("--train-subset", type=_positive_int, default=None)
+    parser.add_argument("--test-subset", type=_positive_int, default=None)
+    parser.add_argument("--device", default=d.device, help="cpu, cuda, ...")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch CPU threads (these models are small: more threads mostly add contention)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output directory")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.set_defaults(func=main)
