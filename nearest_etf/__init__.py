@@ -2,8 +2,10 @@
 simplex equiangular tight frame (ETF) to a set of class means.
 
 The solver and the declarative node, the classifier heads, the class-mean tracker and the
-collapse metrics are re-exported here; the experiments live in their modules
-(`nearest_etf.ufm`, `nearest_etf.dufm`, `nearest_etf.train`).
+collapse metrics are re-exported here; the ETF layers, layer probes, network
+format and generalisation bounds likewise. The experiments live in their modules
+(`nearest_etf.ufm`, `nearest_etf.dufm`, `nearest_etf.train`, `nearest_etf.adaptive_etf`,
+`nearest_etf.etf_transformer`).
 """
 
 from nearest_etf.bounds import (
@@ -19,8 +21,18 @@ from nearest_etf.bounds import (
 from nearest_etf.class_means import AVERAGES, ClassMeanTracker
 from nearest_etf.declarative import BACKWARD_MODES, DeclarativeNode, Solver, conjugate_gradient
 from nearest_etf.etf import centering_matrix, etf_classifier, random_stiefel, simplex_etf
+from nearest_etf.etf_layers import (
+    ETF_MODES,
+    ETFLinear,
+    convert_to_etf,
+    etf_weight,
+    fix_last_layers,
+    nearest_etf_weight,
+    trainable_parameters,
+)
 from nearest_etf.geometry import ConstraintGeometry, geometry_of
 from nearest_etf.heads import HEADS, FixedETFHead, ImplicitETFHead, LearnedHead, make_head
+from nearest_etf.layer_probe import effective_depth, layer_collapse, layer_outputs
 from nearest_etf.layer_stack import LayerStack, layer_stack_of, load_layer_stack, save_layer_stack
 from nearest_etf.losses import LOSSES, dot_regression_loss, loss_function, mse_one_hot_loss
 from nearest_etf.metrics import (
@@ -34,6 +46,7 @@ from nearest_etf.metrics import (
     equinorm,
     etf_distance,
     nc1,
+    ncc_accuracy,
     ncc_mismatch,
     nearest_etf_distance,
     numerical_rank,
@@ -57,6 +70,7 @@ __all__ = [
     "AVERAGES",
     "BACKWARDS",
     "BACKWARD_MODES",
+    "ETF_MODES",
     "HEADS",
     "LOSSES",
     "SOLVERS",
@@ -65,6 +79,7 @@ __all__ = [
     "CollapseStatistics",
     "ConstraintGeometry",
     "DeclarativeNode",
+    "ETFLinear",
     "FixedETFHead",
     "ImplicitETFHead",
     "LayerBound",
@@ -80,25 +95,33 @@ __all__ = [
     "classifier_etf_distance",
     "collapse_metrics",
     "conjugate_gradient",
+    "convert_to_etf",
     "cosine_margin",
     "dot_regression_loss",
+    "effective_depth",
     "effective_rank",
     "equinorm",
     "etf_classifier",
     "etf_distance",
+    "etf_weight",
+    "fix_last_layers",
     "generalisation_gap_bound",
     "geometry_of",
     "golowich_bound",
+    "layer_collapse",
+    "layer_outputs",
     "layer_stack_of",
     "load_layer_stack",
     "loss_function",
     "make_head",
     "mse_one_hot_loss",
     "nc1",
+    "ncc_accuracy",
     "ncc_mismatch",
     "nearest_etf",
     "nearest_etf_distance",
     "nearest_etf_objective",
+    "nearest_etf_weight",
     "network_bounds",
     "neyshabur_bound",
     "numerical_rank",
@@ -112,4 +135,5 @@ __all__ = [
     "self_duality",
     "simplex_etf",
     "singular_values",
+    "trainable_parameters",
 ]
