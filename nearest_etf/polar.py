@@ -84,7 +84,8 @@ def polar_vjp(Q: Tensor, V: Tensor, s: Tensor, G: Tensor) -> Tensor:
     Y = V @ ratio @ V.mT
     inv_s = torch.where(s > tol, 1.0 / s, torch.zeros_like(s))
     P_pinv = (V * inv_s.unsqueeze(-2)) @ V.mT
-    return 2 * Q @ Y + (G - Q @ QtG) @ P_pinv
+    # 2 Q Y + (I - Q Q^T) G P^+ = Q (2 Y - Q^T G P^+) + G P^+: three d x K x K products, not four
+    return Q @ (2 * Y - QtG @ P_pinv) + G @ P_pinv
 
 
 class _Polar(torch.autograd.Function):
