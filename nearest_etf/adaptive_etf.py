@@ -46,6 +46,14 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from nearest_etf._cli import (
+    add_data_arguments,
+    add_optimisation_arguments,
+    add_run_arguments,
+    config_from_args,
+    default_out_dir,
+    positive_int,
+)
 from nearest_etf.data import DataSplits, load_dataset, make_loader
 from nearest_etf.etf_layers import (
     convert_to_etf,
@@ -442,37 +450,16 @@ def format_summary(summary: Sequence[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    config = AdaptiveETFConfig(
-        dataset=args.dataset,
-        depth=args.depth,
-        width=args.width,
-        epochs=args.epochs,
-        seeds=args.seeds,
-        fixed_last=args.fixed_last,
-        threshold=args.threshold,
-        patience=args.patience,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        probe_samples=args.probe_samples,
-        train_subset=args.train_subset,
-        test_subset=args.test_subset,
-        device=args.device,
+    config = config_from_args(
+        AdaptiveETFConfig,
+        args,
         progress=not args.no_progress,
         save_networks=not args.no_networks,
     )
-    out_dir = args.out or Path("runs") / "adaptive-etf" / (
-        f"{Path(args.dataset).name}-D{args.depth}-h{args.width}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = args.out or default_out_dir(
+        "adaptive-etf", f"{Path(args.dataset).name}-D{args.depth}-h{args.width}"
     )
     print(f"output directory: {out_dir}")
     rows = run_adaptive_etf(config, out_dir=out_dir)
@@ -487,17 +474,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "adaptive-etf",
         help="Adaptive-ETF MLPs vs baseline and fixed-last-k ETF layers; per-layer NCC curves",
     )
-    parser.add_argument(
-        "--dataset",
-        default=d.dataset,
-        help="mnist1d | digits | gaussian | a directory of MNIST/Fashion-MNIST IDX files",
-    )
-    parser.add_argument("--depth", type=_positive_int, default=d.depth, help="hidden layers D")
-    parser.add_argument("--width", type=_positive_int, default=d.width, help="hidden width h")
-    parser.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    parser.add_argument(
-        "--seeds", type=_positive_int, default=d.seeds, help="runs with seeds 0..S-1"
-    )
+    add_data_arguments(parser, d)
+    parser.add_argument("--depth", type=positive_int, default=d.depth, help="hidden layers D")
+    parser.add_argument("--width", type=positive_int, default=d.width, help="hidden width h")
+    add_optimisation_arguments(parser, d)
+    parser.add_argument("--momentum", type=float, default=d.momentum)
     parser.add_argument(
         "--fixed-last",
         type=int,
@@ -505,28 +486,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="k of the fixed-last-k baseline (linear layers, classifier included)",
     )
     parser.add_argument("--threshold", type=float, default=d.threshold, help="NCC accuracy")
-    parser.add_argument("--patience", type=_positive_int, default=d.patience, help="epochs")
-    parser.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--momentum", type=float, default=d.momentum)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--patience", type=positive_int, default=d.patience, help="epochs")
     parser.add_argument(
         "--probe-samples",
-        type=_positive_int,
+        type=positive_int,
         default=d.probe_samples,
         help="training samples on which the per-layer NCC accuracy and NC1 are measured",
     )
-    parser.add_argument("--train-subset", type=_positive_int, default=None)
-    parser.add_argument("--test-subset", type=_positive_int, default=None)
-    parser.add_argument("--device", default=d.device, help="cpu, cuda, ...")
-    parser.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=1,
-        help="torch CPU threads (these models are small: more threads mostly add contention)",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="output directory")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    add_run_arguments(parser, d)
     parser.add_argument(
         "--no-networks", action="store_true", help="do not save network-*.pt layer stacks"
     )

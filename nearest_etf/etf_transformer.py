@@ -33,6 +33,14 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from nearest_etf._cli import (
+    add_data_arguments,
+    add_optimisation_arguments,
+    add_run_arguments,
+    config_from_args,
+    default_out_dir,
+    positive_int,
+)
 from nearest_etf.adaptive_etf import accuracy, train_epoch
 from nearest_etf.data import DataSplits, load_dataset, make_loader
 from nearest_etf.etf_layers import convert_to_etf, trainable_parameters
@@ -268,36 +276,15 @@ def write_results(
     return paths
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    config = ETFTransformerConfig(
-        dataset=args.dataset,
-        patch_size=args.patch_size,
-        width=args.width,
-        ffn_width=args.ffn_width,
-        depth=args.depth,
-        heads=args.heads,
-        epochs=args.epochs,
-        seeds=args.seeds,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
+    config = config_from_args(
+        ETFTransformerConfig,
+        args,
         variants=tuple(args.variants),
-        train_subset=args.train_subset,
-        test_subset=args.test_subset,
-        device=args.device,
         progress=not args.no_progress,
     )
-    out_dir = args.out or Path("runs") / "etf-transformer" / (
-        f"{Path(args.dataset).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    out_dir = args.out or default_out_dir("etf-transformer", Path(args.dataset).name)
     print(f"output directory: {out_dir}")
     rows = run_etf_transformer(config)
     paths = write_results(rows, config, out_dir)
@@ -311,35 +298,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "etf-transformer",
         help="patch transformer classifier with and without simplex-ETF feed-forward layers",
     )
+    add_data_arguments(parser, d)
     parser.add_argument(
-        "--dataset",
-        default=d.dataset,
-        help="mnist1d | digits | gaussian | a directory of MNIST/Fashion-MNIST IDX files",
+        "--patch-size", type=positive_int, default=d.patch_size, help="features per token"
     )
-    parser.add_argument(
-        "--patch-size", type=_positive_int, default=d.patch_size, help="features per token"
-    )
-    parser.add_argument("--width", type=_positive_int, default=d.width, help="model width d")
-    parser.add_argument("--ffn-width", type=_positive_int, default=d.ffn_width, help="FFN width")
-    parser.add_argument("--depth", type=_positive_int, default=d.depth, help="encoder blocks")
-    parser.add_argument("--heads", type=_positive_int, default=d.heads, help="attention heads")
-    parser.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    parser.add_argument(
-        "--seeds", type=_positive_int, default=d.seeds, help="runs with seeds 0..S-1"
-    )
-    parser.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--width", type=positive_int, default=d.width, help="model width d")
+    parser.add_argument("--ffn-width", type=positive_int, default=d.ffn_width, help="FFN width")
+    parser.add_argument("--depth", type=positive_int, default=d.depth, help="encoder blocks")
+    parser.add_argument("--heads", type=positive_int, default=d.heads, help="attention heads")
+    add_optimisation_arguments(parser, d, lr_help="AdamW learning rate")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(d.variants))
-    parser.add_argument("--train-subset", type=_positive_int, default=None)
-    parser.add_argument("--test-subset", type=_positive_int, default=None)
-    parser.add_argument("--device", default=d.device, help="cpu, cuda, ...")
-    parser.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=1,
-        help="torch CPU threads (these models are small: more threads mostly add contention)",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="output directory")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    add_run_arguments(parser, d)
     parser.set_defaults(func=main)

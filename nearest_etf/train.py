@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from nearest_etf._cli import (
+    DATASET_HELP,
+    add_data_arguments,
+    add_optimisation_arguments,
+    add_run_arguments,
+    config_from_args,
+    default_out_dir,
+    positive_int,
+)
 from nearest_etf.data import DataSplits, load_dataset, make_loader
 from nearest_etf.heads import HEADS, make_head
 from nearest_etf.layer_stack import layer_stack_of, save_layer_stack
@@ -288,39 +296,12 @@ def _summary(rows: Sequence[dict[str, object]], heads: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def main(args: argparse.Namespace) -> None:
     heads = tuple(HEADS) if args.head == "all" else (args.head,)
-    config = TrainConfig(
-        dataset=args.dataset,
-        model=args.model,
-        heads=heads,
-        epochs=args.epochs,
-        seeds=args.seeds,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        loss=args.loss,
-        widths=tuple(args.widths),
-        temperature=args.temperature,
-        delta=args.delta,
-        average=args.average,
-        train_subset=args.train_subset,
-        test_subset=args.test_subset,
-        device=args.device,
-        progress=not args.no_progress,
+    config = config_from_args(
+        TrainConfig, args, heads=heads, widths=tuple(args.widths), progress=not args.no_progress
     )
-    out_dir = args.out or Path("runs") / "train" / (
-        f"{Path(args.dataset).name}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    out_dir = args.out or default_out_dir("train", f"{Path(args.dataset).name}-{args.model}")
     print(f"output directory: {out_dir}")
     rows = train_all(config, network_dir=out_dir)
     paths = write_results(rows, config, out_dir)
@@ -333,23 +314,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train", help="train a backbone with each classifier head; collapse metrics per epoch"
     )
-    parser.add_argument(
-        "--dataset",
-        default=d.dataset,
-        help="mnist1d | digits | gaussian | a directory of MNIST/Fashion-MNIST IDX files or "
-        "CIFAR-10 python batches",
-    )
+    add_data_arguments(parser, d, DATASET_HELP + " or CIFAR-10 python batches")
     parser.add_argument("--model", choices=MODELS, default=d.model)
     parser.add_argument("--head", choices=(*HEADS, "all"), default="all")
-    parser.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    parser.add_argument(
-        "--seeds", type=_positive_int, default=d.seeds, help="runs with seeds 0..S-1"
-    )
-    parser.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    add_optimisation_arguments(parser, d)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument(
         "--loss",
         choices=LOSSES,
@@ -358,7 +328,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--widths",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         default=list(d.widths),
         help="MLP hidden widths; the last is the feature dimension d",
@@ -371,9 +341,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--delta", type=float, default=d.delta, help="implicit head prox weight")
     parser.add_argument("--average", choices=("ema", "cma", "none"), default=d.average)
-    parser.add_argument("--train-subset", type=_positive_int, default=None)
-    parser.add_argument("--test-subset", type=_positive_int, default=None)
-    parser.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--out", type=Path, default=None, help="output directory")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    add_run_arguments(parser, d, device_help="cpu, cuda, cuda:1, ...", threads=False)
     parser.set_defaults(func=main)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from nearest_etf._cli import default_out_dir
 from nearest_etf.ufm import (
     METHODS,
     METRICS,
@@ -272,7 +273,7 @@ def main(args: argparse.Namespace) -> None:
     )
     lr_grid = args.lr_grid if args.lr_grid else [args.lr]
     torch.set_num_threads(args.threads)
-    out = args.out or Path("runs") / "ufm" / time.strftime(f"K{args.classes}-%Y%m%d-%H%M%S")
+    out = args.out or default_out_dir("ufm", f"K{args.classes}")
     start = time.perf_counter()
     study = run_study(
         config,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from nearest_etf._cli import default_out_dir
 from nearest_etf.dufm.analysis import DEFAULT_RANK_RTOL
 from nearest_etf.dufm.run import run_experiment
 from nearest_etf.dufm.sweep import EXECUTORS, SweepGrid, run_sweep
@@ -31,10 +31,6 @@ def _list_of(kind: Callable) -> Callable[[str], list]:
             raise argparse.ArgumentTypeError(f"cannot parse {text!r} as a list: {exc}") from exc
 
     return parse
-
-
-def _default_out(name: str) -> Path:
-    return Path("runs") / "dufm" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _add_training_args(parser: argparse.ArgumentParser, multi: bool) -> None:
@@ -118,7 +114,7 @@ def _run(args: argparse.Namespace) -> None:
         lr=args.lr,
         seed=args.seed,
     )
-    out = args.out or _default_out("run")
+    out = args.out or default_out_dir("dufm", "run")
     summary = run_experiment(config, out, args.rank_rtol)
     keys = ("loss", "fit", "reg", "dnc_loss", "srg_loss", "loss_over_dnc", "inner_rank")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
@@ -142,7 +138,7 @@ def _sweep(args: argparse.Namespace) -> None:
     )
     for config in grid.configs():  # fail fast on bad combinations, before spawning workers
         config.problem()
-    out = args.out or _default_out("sweep")
+    out = args.out or default_out_dir("dufm", "sweep")
     summary = run_sweep(
         grid,
         out,

@@ -1,0 +1,96 @@
+"""Command-line pieces shared by the training sub-commands (`train`, `adaptive-etf`,
+`etf-transformer`) and the default run directories of every experiment command.
+
+The option helpers take `defaults`, an instance of the command's frozen config dataclass, so
+each command keeps its own defaults; option names, help texts and types are the commands'
+historical ones (docs and scripts rely on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "DATASET_HELP",
+    "add_data_arguments",
+    "add_optimisation_arguments",
+    "add_run_arguments",
+    "config_from_args",
+    "default_out_dir",
+    "positive_int",
+]
+
+DATASET_HELP = "mnist1d | digits | gaussian | a directory of MNIST/Fashion-MNIST IDX files"
+
+ConfigT = TypeVar("ConfigT")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def add_data_arguments(
+    parser: argparse.ArgumentParser, defaults: Any, dataset_help: str = DATASET_HELP
+) -> None:
+    """--dataset, --train-subset, --test-subset (config fields dataset, train_subset,
+    test_subset)."""
+    parser.add_argument("--dataset", default=defaults.dataset, help=dataset_help)
+    parser.add_argument("--train-subset", type=positive_int, default=defaults.train_subset)
+    parser.add_argument("--test-subset", type=positive_int, default=defaults.test_subset)
+
+
+def add_optimisation_arguments(
+    parser: argparse.ArgumentParser, defaults: Any, lr_help: str | None = None
+) -> None:
+    """--epochs, --seeds, --batch-size, --lr, --weight-decay (config fields of the same names)."""
+    parser.add_argument("--epochs", type=positive_int, default=defaults.epochs)
+    parser.add_argument(
+        "--seeds", type=positive_int, default=defaults.seeds, help="runs with seeds 0..S-1"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help=lr_help)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser,
+    defaults: Any,
+    device_help: str = "cpu, cuda, ...",
+    threads: bool = True,
+) -> None:
+    """--device, --threads (when `threads`; not a config field), --out and --no-progress (the
+    config's `progress` is `not args.no_progress`)."""
+    parser.add_argument("--device", default=defaults.device, help=device_help)
+    if threads:
+        parser.add_argument(
+            "--threads",
+            type=positive_int,
+            default=1,
+            help="torch CPU threads (these models are small: more threads mostly add contention)",
+        )
+    parser.add_argument("--out", type=Path, default=None, help="output directory")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def config_from_args(
+    config_cls: type[ConfigT], args: argparse.Namespace, **overrides: object
+) -> ConfigT:
+    """`config_cls(**values)`: every dataclass field named like an attribute of `args` takes
+    that attribute, `overrides` replace or add values (renamed or derived fields), the other
+    fields keep their defaults."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return config_cls(**(values | overrides))
+
+
+def default_out_dir(command: str, name: str) -> Path:
+    """runs/<command>/<name>-<YYYYmmdd-HHMMSS> (local time now)."""
+    return Path("runs") / command / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
