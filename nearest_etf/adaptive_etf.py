@@ -32,8 +32,6 @@ accuracy.png, and network-<method>-seed<s>.pt per run (the trained eval-mode net
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +52,7 @@ from nearest_etf._cli import (
     default_out_dir,
     positive_int,
 )
+from nearest_etf._io import final_accuracy_summary, write_metrics_and_summary
 from nearest_etf.data import DataSplits, load_dataset, make_loader
 from nearest_etf.etf_layers import (
     convert_to_etf,
@@ -328,14 +327,10 @@ def _summary_rows(
                 for n in ncc_final
             ]
         summary: dict[str, object] = {"method": method, "seeds": len(final)}
-        for key in ("test_accuracy", "train_accuracy"):
-            values = np.array([float(r[key]) for r in final])
-            summary[f"{key}_mean"] = float(values.mean())
-            summary[f"{key}_std"] = float(values.std())
+        summary |= final_accuracy_summary(final)
         summary["trainable_params"] = float(np.mean([int(r["trainable_params"]) for r in final]))
         summary["effective_depth"] = " ".join(map(str, depths))
         summary["frozen_epoch"] = " ".join(str(r["frozen_epoch"]) for r in final)
-        summary["seconds_per_run"] = float(np.mean([float(r["seconds"]) for r in final]))
         out.append(summary)
     return out
 
@@ -395,38 +390,13 @@ def _plot_accuracy(
     fig.savefig(path, dpi=90)
 
 
-def _write_csv(rows: Sequence[dict[str, object]], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def write_results(
     rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, out_dir: Path
 ) -> dict[str, Path]:
     """metrics.csv/json, summary.csv/json, ncc_curves.png and accuracy.png into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        name: out_dir / name
-        for name in (
-            "metrics.csv",
-            "metrics.json",
-            "summary.csv",
-            "summary.json",
-            "ncc_curves.png",
-            "accuracy.png",
-        )
-    }
-    summary = _summary_rows(rows, config)
-    _write_csv(rows, paths["metrics.csv"])
-    _write_csv(summary, paths["summary.csv"])
-    paths["metrics.json"].write_text(
-        json.dumps({"config": asdict(config), "rows": list(rows)}, indent=1)
-    )
-    paths["summary.json"].write_text(
-        json.dumps({"config": asdict(config), "summary": summary}, indent=1)
-    )
+    paths = write_metrics_and_summary(config, rows, _summary_rows(rows, config), out_dir)
+    paths |= {name: out_dir / name for name in ("ncc_curves.png", "accuracy.png")}
     _plot_ncc(rows, config, paths["ncc_curves.png"])
     _plot_accuracy(rows, config, paths["accuracy.png"])
     return paths

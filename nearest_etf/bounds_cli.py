@@ -10,7 +10,6 @@ meta, totals and per-layer rows), ``bounds.csv`` (one row per network), ``bounds
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from nearest_etf._io import write_csv
 from nearest_etf.bounds import DEFAULT_RANK_RTOL, BoundsResult, network_bounds
 from nearest_etf.layer_stack import load_layer_stack
 
@@ -100,11 +100,8 @@ def bounds_of_run(
     }
     settings = networks[0]["settings"] | {"biases": "per network, see networks[].settings"}
     paths["json"].write_text(json.dumps({"settings": settings, "networks": networks}, indent=1))
-    for key, table in (("csv", rows), ("layers_csv", layer_rows)):
-        with paths[key].open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
+    write_csv(rows, paths["csv"])
+    write_csv(layer_rows, paths["layers_csv"])
     _plot(rows, paths["png"])
     return rows, paths
 

@@ -19,12 +19,10 @@ accuracy.png.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +39,7 @@ from nearest_etf._cli import (
     default_out_dir,
     positive_int,
 )
+from nearest_etf._io import final_accuracy_summary, write_metrics_and_summary
 from nearest_etf.adaptive_etf import accuracy, train_epoch
 from nearest_etf.data import DataSplits, load_dataset, make_loader
 from nearest_etf.etf_layers import convert_to_etf, trainable_parameters
@@ -210,13 +209,9 @@ def _summary_rows(
     for variant in config.variants:
         final = [r for r in rows if r["variant"] == variant and r["epoch"] == config.epochs]
         summary: dict[str, object] = {"variant": variant, "seeds": len(final)}
-        for key in ("test_accuracy", "train_accuracy"):
-            values = np.array([float(r[key]) for r in final])
-            summary[f"{key}_mean"] = float(values.mean())
-            summary[f"{key}_std"] = float(values.std())
+        summary |= final_accuracy_summary(final)
         summary["trainable_params"] = int(final[0]["trainable_params"])
         summary["total_params"] = int(final[0]["total_params"])
-        summary["seconds_per_run"] = float(np.mean([float(r["seconds"]) for r in final]))
         out.append(summary)
     return out
 
@@ -242,20 +237,9 @@ def write_results(
 ) -> dict[str, Path]:
     """metrics.csv/json, summary.csv/json and accuracy.png into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = ("metrics.csv", "metrics.json", "summary.csv", "summary.json", "accuracy.png")
-    paths = {name: out_dir / name for name in names}
     summary = _summary_rows(rows, config)
-    for table, key in ((rows, "metrics.csv"), (summary, "summary.csv")):
-        with paths[key].open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
-    paths["metrics.json"].write_text(
-        json.dumps({"config": asdict(config), "rows": list(rows)}, indent=1)
-    )
-    paths["summary.json"].write_text(
-        json.dumps({"config": asdict(config), "summary": summary}, indent=1)
-    )
+    paths = write_metrics_and_summary(config, rows, summary, out_dir)
+    paths["accuracy.png"] = out_dir / "accuracy.png"
     fig = Figure(figsize=(8, 3.4))
     epochs = np.arange(1, config.epochs + 1)
     for j, (key, title) in enumerate(

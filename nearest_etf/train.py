@@ -15,7 +15,6 @@ classifier as the last layer, the flattened training inputs as X; float64, so ab
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +37,7 @@ from nearest_etf._cli import (
     default_out_dir,
     positive_int,
 )
+from nearest_etf._io import write_csv
 from nearest_etf.data import DataSplits, load_dataset, make_loader
 from nearest_etf.heads import HEADS, make_head
 from nearest_etf.layer_stack import layer_stack_of, save_layer_stack
@@ -272,10 +272,7 @@ def write_results(
         "json": out_dir / "metrics.json",
         "png": out_dir / "comparison.png",
     }
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, paths["csv"])
     paths["json"].write_text(json.dumps({"config": asdict(config), "rows": list(rows)}, indent=1))
     _plot(rows, config.heads, paths["png"])
     return paths

@@ -22,6 +22,7 @@ import torch
 from matplotlib.figure import Figure
 
 from nearest_etf._cli import default_out_dir
+from nearest_etf._io import write_csv
 from nearest_etf.ufm import (
     METHODS,
     METRICS,
@@ -169,10 +170,7 @@ def write_study(study: Study, out: Path, command: str = "") -> dict:
         for (method, lr, seed), run in sorted(study.runs.items()):
             for i, step in enumerate(run.steps):
                 writer.writerow([method, lr, seed, step, *(run.curves[m][i] for m in METRICS)])
-    with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "summary.csv")
     text = format_summary(study, rows)
     (out / "summary.txt").write_text(text + "\n")
     figure = plot_study(study, out / "ufm.png")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from nearest_etf._io import write_csv
 from nearest_etf.dufm.analysis import DEFAULT_RANK_RTOL, analyse_layers, hidden_ranks, is_dnc
 from nearest_etf.dufm.model import DUFMProblem
 from nearest_etf.dufm.reference import ReferenceLosses, reference_losses
@@ -116,15 +117,12 @@ def run_experiment(
         writer.writerow(["step", "fit", "reg", "loss"])
         for step, fit, reg in zip(result.steps, result.fit, result.reg, strict=True):
             writer.writerow([step, fit, reg, fit + reg])
-    with open(out / "layers.csv", "w", newline="") as f:
-        fields = ["name", "rank", "effective_rank", "nc1", "etf_distance"]
-        fields += ["orthogonal_frame_distance", "singular_values"]
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for s in stats:
-            row = s.to_dict()
-            row["singular_values"] = " ".join(f"{v:.6g}" for v in s.singular_values)
-            writer.writerow(row)
+    layer_rows = [
+        {k: v for k, v in s.to_dict().items() if k != "singular_values"}
+        | {"singular_values": " ".join(f"{v:.6g}" for v in s.singular_values)}
+        for s in stats
+    ]
+    write_csv(layer_rows, out / "layers.csv")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     meta = {"source": "dufm run", "config": asdict(config), "found_dnc": summary["found_dnc"]}
     meta |= {"loss_over_dnc": summary["loss_over_dnc"], "inner_rank": summary["inner_rank"]}

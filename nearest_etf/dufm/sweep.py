@@ -7,7 +7,6 @@ Each unit of work runs torch single-threaded.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import itertools
 import json
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nearest_etf._io import write_csv
 from nearest_etf.dufm.analysis import DEFAULT_RANK_RTOL
 from nearest_etf.dufm.model import DUFMProblem
 from nearest_etf.dufm.reference import reference_losses
@@ -124,13 +124,6 @@ def srg_ratio_row(task: tuple[int, int, float]) -> dict:
     }
 
 
-def _write_csv(rows: Sequence[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _collect(results: Iterable, total: int, desc: str, progress: bool) -> list[dict]:
     return list(tqdm(results, total=total, desc=desc, disable=not progress))
 
@@ -168,7 +161,7 @@ def run_sweep(
     srg_rows.sort(key=lambda row: (row["layers"], row["r"]))
     figures = []
     if rows:
-        _write_csv(rows, out / "runs.csv")
+        write_csv(rows, out / "runs.csv")
         if len({row["wd"] for row in rows}) > 1:
             figures.append(plots.plot_rank_vs_wd(rows, out / "rank_vs_wd.png"))
         if len({row["width"] for row in rows}) > 1:
@@ -176,7 +169,7 @@ def run_sweep(
                 plots.plot_dnc_probability_vs_width(rows, out / "dnc_probability_vs_width.png")
             )
     if srg_rows:
-        _write_csv(srg_rows, out / "srg_ratio.csv")
+        write_csv(srg_rows, out / "srg_ratio.csv")
         figures.append(plots.plot_srg_ratio(srg_rows, out / "srg_ratio.png"))
     summary = {
         "runs": len(rows),
