@@ -1,9 +1,9 @@
 """Command-line pieces shared by the training sub-commands (`train`, `adaptive-etf`,
 `etf-transformer`) and the default run directories of every experiment command.
 
-The option helpers take `defaults`, an instance of the command's frozen config dataclass, so
-each command keeps its own defaults; option names, help texts and types are the commands'
-historical ones (docs and scripts rely on them).
+Each command's frozen config dataclass extends `TrainingOptions` (redeclaring a field changes its
+default) and the option helpers take an instance of it as `defaults`; option names, help texts
+and types are the commands' historical ones (docs and scripts rely on them).
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 __all__ = [
     "DATASET_HELP",
+    "TrainingOptions",
     "add_data_arguments",
     "add_optimisation_arguments",
     "add_run_arguments",
@@ -29,6 +31,22 @@ DATASET_HELP = "mnist1d | digits | gaussian | a directory of MNIST/Fashion-MNIST
 ConfigT = TypeVar("ConfigT")
 
 
+@dataclass(frozen=True)
+class TrainingOptions:
+    """Options every training command has: data, optimisation budget, device and progress."""
+
+    dataset: str = "mnist1d"
+    epochs: int = 20
+    seeds: int = 2
+    batch_size: int = 128
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    train_subset: int | None = None
+    test_subset: int | None = None
+    device: str = "cpu"
+    progress: bool = True
+
+
 def positive_int(text: str) -> int:
     """argparse type: an int >= 1."""
     value = int(text)
@@ -38,7 +56,7 @@ def positive_int(text: str) -> int:
 
 
 def add_data_arguments(
-    parser: argparse.ArgumentParser, defaults: Any, dataset_help: str = DATASET_HELP
+    parser: argparse.ArgumentParser, defaults: TrainingOptions, dataset_help: str = DATASET_HELP
 ) -> None:
     """--dataset, --train-subset, --test-subset (config fields dataset, train_subset,
     test_subset)."""
@@ -48,7 +66,7 @@ def add_data_arguments(
 
 
 def add_optimisation_arguments(
-    parser: argparse.ArgumentParser, defaults: Any, lr_help: str | None = None
+    parser: argparse.ArgumentParser, defaults: TrainingOptions, lr_help: str | None = None
 ) -> None:
     """--epochs, --seeds, --batch-size, --lr, --weight-decay (config fields of the same names)."""
     parser.add_argument("--epochs", type=positive_int, default=defaults.epochs)
@@ -62,7 +80,7 @@ def add_optimisation_arguments(
 
 def add_run_arguments(
     parser: argparse.ArgumentParser,
-    defaults: Any,
+    defaults: TrainingOptions,
     device_help: str = "cpu, cuda, ...",
     threads: bool = True,
 ) -> None:

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from nearest_etf._cli import (
+    TrainingOptions,
     add_data_arguments,
     add_optimisation_arguments,
     add_run_arguments,
@@ -168,26 +169,17 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> 
 
 
 @dataclass(frozen=True)
-class AdaptiveETFConfig:
+class AdaptiveETFConfig(TrainingOptions):
     """Options of one `nearest-etf adaptive-etf` invocation (see `add_parser`)."""
 
-    dataset: str = "mnist1d"
+    epochs: int = 30
     depth: int = 6
     width: int = 256
-    epochs: int = 30
-    seeds: int = 2
     fixed_last: int = 3
     threshold: float = 0.9
     patience: int = 5
-    batch_size: int = 128
-    lr: float = 0.01
     momentum: float = 0.9
-    weight_decay: float = 5e-4
     probe_samples: int = 2000
-    train_subset: int | None = None
-    test_subset: int | None = None
-    device: str = "cpu"
-    progress: bool = True
     save_networks: bool = True
     methods: tuple[str, ...] = field(default=())
 

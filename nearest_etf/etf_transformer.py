@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from nearest_etf._cli import (
+    TrainingOptions,
     add_data_arguments,
     add_optimisation_arguments,
     add_run_arguments,
@@ -107,25 +108,18 @@ def feed_forward_names(model: nn.Module) -> list[str]:
 
 
 @dataclass(frozen=True)
-class ETFTransformerConfig:
+class ETFTransformerConfig(TrainingOptions):
     """Options of one `nearest-etf etf-transformer` invocation (see `add_parser`)."""
 
-    dataset: str = "mnist1d"
+    epochs: int = 15
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
     patch_size: int = 4
     width: int = 64
     ffn_width: int = 256
     depth: int = 2
     heads: int = 4
-    epochs: int = 15
-    seeds: int = 2
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
     variants: tuple[str, ...] = VARIANTS
-    train_subset: int | None = None
-    test_subset: int | None = None
-    device: str = "cpu"
-    progress: bool = True
 
 
 def _run(

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from nearest_etf._cli import (
     DATASET_HELP,
+    TrainingOptions,
     add_data_arguments,
     add_optimisation_arguments,
     add_run_arguments,
@@ -66,28 +67,20 @@ PLOTTED = (
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(TrainingOptions):
     """Options of one `nearest-etf train` invocation (see `add_parser` for their meaning)."""
 
-    dataset: str = "mnist1d"
+    seeds: int = 3
+    lr: float = 0.05
     model: str = "mlp"
     heads: tuple[str, ...] = ("learned", "fixed", "implicit")
-    epochs: int = 20
-    seeds: int = 3
-    batch_size: int = 128
     optimizer: str = "sgd"
-    lr: float = 0.05
     momentum: float = 0.9
-    weight_decay: float = 5e-4
     loss: str = "ce"
     widths: tuple[int, ...] = (256, 256)
     temperature: float | None = None
     delta: float = 1e-3
     average: str = "ema"
-    train_subset: int | None = None
-    test_subset: int | None = None
-    device: str = "cpu"
-    progress: bool = True
     head_options: dict[str, dict[str, object]] = field(default_factory=dict)
 
 
