@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from nearest_etf._cli import default_out_dir
+from nearest_etf._cli import config_from_args, default_out_dir
 from nearest_etf._io import write_csv
 from nearest_etf.ufm import (
     METHODS,
@@ -254,20 +254,8 @@ def main(args: argparse.Namespace) -> None:
         write_study(study, out, command)
         print((out / "summary.txt").read_text(), end="")
         return
-    config = UFMConfig(
-        classes=args.classes,
-        dim=args.dim,
-        per_class=args.per_class,
-        steps=args.steps,
-        feature_norm=None if args.feature_norm <= 0 else args.feature_norm,
-        feature_wd=args.feature_wd,
-        head_wd=args.head_wd,
-        optimizer=args.optimizer,
-        momentum=args.momentum,
-        init_scale=args.init_scale,
-        delta=args.delta,
-        records=args.records,
-        dtype=args.dtype,
+    config = config_from_args(
+        UFMConfig, args, feature_norm=None if args.feature_norm <= 0 else args.feature_norm
     )
     lr_grid = args.lr_grid if args.lr_grid else [args.lr]
     torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from nearest_etf._cli import default_out_dir
+from nearest_etf._cli import config_from_args, default_out_dir
 from nearest_etf.dufm.analysis import DEFAULT_RANK_RTOL
 from nearest_etf.dufm.run import run_experiment
 from nearest_etf.dufm.sweep import EXECUTORS, SweepGrid, run_sweep
@@ -87,33 +87,18 @@ def _add_training_args(parser: argparse.ArgumentParser, multi: bool) -> None:
     )
 
 
+_SWEPT = ("layers", "classes", "width", "per_class", "wd", "lr")  # comma lists in `sweep`
+
+
 def _config(args: argparse.Namespace, **values: object) -> TrainConfig:
-    return TrainConfig(
-        wd_h=args.wd_h,
-        wd_w=None if args.wd_w is None else tuple(args.wd_w),
-        steps=args.steps,
-        init_scale=args.init_scale,
-        optimizer=args.optimizer,
-        batch_size=args.batch_size,
-        momentum=args.momentum,
-        dtype=args.dtype,
-        record_every=args.record_every,
-        **values,
-    )
+    """TrainConfig from the parsed options (`values` replace swept lists by one value)."""
+    wd_w = None if args.wd_w is None else tuple(args.wd_w)
+    return config_from_args(TrainConfig, args, wd_w=wd_w, **values)
 
 
 def _run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    config = _config(
-        args,
-        layers=args.layers,
-        classes=args.classes,
-        width=args.width,
-        per_class=args.per_class,
-        wd=args.wd,
-        lr=args.lr,
-        seed=args.seed,
-    )
+    config = _config(args)
     out = args.out or default_out_dir("dufm", "run")
     summary = run_experiment(config, out, args.rank_rtol)
     keys = ("loss", "fit", "reg", "dnc_loss", "srg_loss", "loss_over_dnc", "inner_rank")
@@ -125,16 +110,10 @@ def _run(args: argparse.Namespace) -> None:
 
 def _sweep(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    base = _config(args, wd=args.wd[0])
     grid = SweepGrid(
-        base=base,
-        wd=args.wd,
-        lr=args.lr,
-        width=args.width,
-        layers=args.layers,
-        classes=args.classes,
-        per_class=args.per_class,
+        base=_config(args, **{name: getattr(args, name)[0] for name in _SWEPT}),
         seeds=list(range(args.seed_start, args.seed_start + args.seeds)),
+        **{name: getattr(args, name) for name in _SWEPT},
     )
     for config in grid.configs():  # fail fast on bad combinations, before spawning workers
         config.problem()
