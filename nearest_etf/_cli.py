@@ -29,6 +29,7 @@ __all__ = [
 DATASET_HELP = "mnist1d | digits | gaussian | a directory of MNIST/Fashion-MNIST IDX files"
 
 ConfigT = TypeVar("ConfigT")
+_NEGATED_FLAGS = {"progress": "no_progress", "save_networks": "no_networks"}  # field: flag
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,11 @@ def add_run_arguments(
     defaults: TrainingOptions,
     device_help: str = "cpu, cuda, ...",
     threads: bool = True,
+    networks: bool = False,
 ) -> None:
-    """--device, --threads (when `threads`; not a config field), --out and --no-progress (the
-    config's `progress` is `not args.no_progress`)."""
+    """--device, --threads (when `threads`; not a config field), --out, --no-progress and, when
+    `networks`, --no-networks (`config_from_args` sets the config's `progress` and
+    `save_networks` to their negations)."""
     parser.add_argument("--device", default=defaults.device, help=device_help)
     if threads:
         parser.add_argument(
@@ -96,16 +99,28 @@ def add_run_arguments(
         )
     parser.add_argument("--out", type=Path, default=None, help="output directory")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    if networks:
+        parser.add_argument(
+            "--no-networks",
+            action="store_true",
+            help="do not save the trained networks (network-*.pt layer stacks, for `bounds`)",
+        )
 
 
 def config_from_args(
     config_cls: type[ConfigT], args: argparse.Namespace, **overrides: object
 ) -> ConfigT:
     """`config_cls(**values)`: every dataclass field named like an attribute of `args` takes
-    that attribute, `overrides` replace or add values (renamed or derived fields), the other
-    fields keep their defaults."""
+    that attribute, a field named in `_NEGATED_FLAGS` the negation of its --no-... flag,
+    `overrides` replace or add values (renamed or derived fields), the other fields keep their
+    defaults."""
     names = {f.name for f in dataclasses.fields(config_cls)}
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    values |= {
+        name: not getattr(args, flag)
+        for name, flag in _NEGATED_FLAGS.items()
+        if name in names and hasattr(args, flag)
+    }
     return config_cls(**(values | overrides))
 
 

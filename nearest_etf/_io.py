@@ -1,4 +1,5 @@
-"""Result files and final-epoch summaries shared by the experiment commands."""
+"""Result files (CSV, JSON, PNG curves) and final-epoch summaries shared by the experiment
+commands. Rows are dicts, one per (method, seed, epoch)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
-__all__ = ["final_accuracy_summary", "write_csv", "write_metrics_and_summary"]
+__all__ = [
+    "ACCURACY_PANELS",
+    "final_accuracy_summary",
+    "mean_curve",
+    "plot_mean_curves",
+    "write_csv",
+    "write_metrics_and_summary",
+]
+
+ACCURACY_PANELS = (("train_accuracy", "train accuracy [%]"), ("test_accuracy", "test accuracy [%]"))
 
 
 def write_csv(rows: Sequence[Mapping[str, object]], path: Path) -> None:
@@ -57,3 +68,34 @@ def final_accuracy_summary(final: Sequence[Mapping[str, object]]) -> dict[str, f
         summary[f"{key}_std"] = float(values.std())
     summary["seconds_per_run"] = float(np.mean([float(r["seconds"]) for r in final]))
     return summary
+
+
+def mean_curve(rows: Sequence[Mapping[str, object]], by: str, name: str, key: str) -> np.ndarray:
+    """Per epoch (ascending), the mean over the rows with rows[by] == name (the seeds) of key."""
+    mine = [r for r in rows if r[by] == name]
+    epochs = sorted({int(r["epoch"]) for r in mine})  # type: ignore[call-overload]
+    return np.array([np.mean([float(r[key]) for r in mine if r["epoch"] == e]) for e in epochs])
+
+
+def plot_mean_curves(
+    rows: Sequence[Mapping[str, object]],
+    by: str,
+    labels: Mapping[str, str],
+    panels: Sequence[tuple[str, str]],
+    path: Path,
+) -> None:
+    """One panel per (key, title) in `panels`: `mean_curve` vs epoch of every name in `labels`
+    (legend text labels[name]); saved as a PNG at `path`."""
+    fig = Figure(figsize=(4 * len(panels), 3.4))
+    for j, (key, title) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), j + 1)
+        for name, label in labels.items():
+            curve = mean_curve(rows, by, name, key)
+            ax.plot(np.arange(1, len(curve) + 1), curve, label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if j == 0:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)

@@ -54,9 +54,9 @@ def check_stiefel(
     """U with the given shape/dtype and orthonormal columns: max |U^T U - I| <= atol."""
     U = check_float_tensor(name, U)
     if U.shape != shape:
-        raise ValueError(f"{name} must have shape {tuple(shape)} like H, got {tuple(U.shape)}")
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(U.shape)}")
     if U.dtype != dtype:
-        raise TypeError(f"{name} has dtype {U.dtype} but H has {dtype}")
+        raise TypeError(f"{name} must have dtype {dtype}, got {U.dtype}")
     eye = torch.eye(shape[-1], dtype=dtype, device=U.device)
     err = (U.detach().mT @ U.detach() - eye).abs().amax()
     if float(err) > atol:

@@ -34,14 +34,14 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from nearest_etf._cli import (
@@ -53,7 +53,14 @@ from nearest_etf._cli import (
     default_out_dir,
     positive_int,
 )
-from nearest_etf._io import final_accuracy_summary, write_metrics_and_summary
+from nearest_etf._io import (
+    ACCURACY_PANELS,
+    final_accuracy_summary,
+    mean_curve,
+    plot_mean_curves,
+    write_metrics_and_summary,
+)
+from nearest_etf._training import eval_loaders, evaluate, save_network, train_epoch
 from nearest_etf.data import DataSplits, load_dataset, make_loader
 from nearest_etf.etf_layers import (
     convert_to_etf,
@@ -62,19 +69,16 @@ from nearest_etf.etf_layers import (
     trainable_parameters,
 )
 from nearest_etf.layer_probe import effective_depth, layer_collapse
-from nearest_etf.layer_stack import layer_stack_of, save_layer_stack
 from nearest_etf.models import MLP
 
 __all__ = [
     "AdaptiveETFConfig",
     "AdaptiveETFRule",
-    "accuracy",
     "add_parser",
     "build_mlp",
     "format_summary",
     "method_names",
     "run_adaptive_etf",
-    "train_epoch",
     "write_results",
 ]
 
@@ -100,7 +104,6 @@ class AdaptiveETFRule:
         self.num_layers, self.threshold, self.patience = num_layers, threshold, patience
         self.streaks = [0] * num_layers
         self.frozen_from: int | None = None
-        self.epochs_seen = 0
 
     def update(self, ncc_accuracies: Sequence[float]) -> int | None:
         """Record one epoch's NCC accuracies [num_layers]; the layer to freeze from, or None."""
@@ -109,7 +112,6 @@ class AdaptiveETFRule:
             raise ValueError(f"expected {self.num_layers} NCC accuracies, got {len(values)}")
         if not all(0.0 <= a <= 1.0 for a in values):
             raise ValueError(f"NCC accuracies must be fractions in [0, 1], got {values}")
-        self.epochs_seen += 1
         self.streaks = [
             s + 1 if a >= self.threshold else 0 for s, a in zip(self.streaks, values, strict=True)
         ]
@@ -132,42 +134,6 @@ def _relu_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.ReLU)]
 
 
-def train_epoch(
-    model: nn.Module,
-    loader: torch.utils.data.DataLoader,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    on_step: Callable[[], None] | None = None,
-) -> float:
-    """One pass over `loader` in train mode; returns the mean step loss."""
-    model.train()
-    device = next(model.parameters()).device
-    total = 0.0
-    for x, y in loader:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x.to(device)), y.to(device))
-        loss.backward()
-        optimizer.step()
-        total += loss.item()
-        if on_step is not None:
-            on_step()
-    return total / len(loader)
-
-
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
-    """Accuracy in percent of argmax model(x) in eval mode (the model's mode is restored)."""
-    was_training = model.training
-    device = next(model.parameters()).device
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            logits = model(x[start : start + batch_size].to(device))
-            correct += int((logits.argmax(1).cpu() == y[start : start + batch_size]).sum())
-    model.train(was_training)
-    return 100.0 * correct / len(x)
-
-
 @dataclass(frozen=True)
 class AdaptiveETFConfig(TrainingOptions):
     """Options of one `nearest-etf adaptive-etf` invocation (see `add_parser`)."""
@@ -181,12 +147,11 @@ class AdaptiveETFConfig(TrainingOptions):
     momentum: float = 0.9
     probe_samples: int = 2000
     save_networks: bool = True
-    methods: tuple[str, ...] = field(default=())
 
 
 def method_names(config: AdaptiveETFConfig) -> tuple[str, ...]:
-    """The compared methods: the configured ones, or all four."""
-    return config.methods or (
+    """The four compared methods."""
+    return (
         "baseline",
         f"fixed-last-{config.fixed_last}",
         "adaptive-canonical",
@@ -195,8 +160,9 @@ def method_names(config: AdaptiveETFConfig) -> tuple[str, ...]:
 
 
 def _check_config(config: AdaptiveETFConfig, data: DataSplits) -> None:
-    if config.depth < 1 or config.width < 2:
-        raise ValueError(f"need --depth >= 1 and --width >= 2, got {config.depth}, {config.width}")
+    """Fail before any training: network shape, ETF widths, fixed-last k, the freezing rule."""
+    build_mlp(math.prod(data.input_shape), config.depth, config.width, data.num_classes)
+    AdaptiveETFRule(config.depth, config.threshold, config.patience)
     if config.width < data.num_classes:
         raise ValueError(
             f"--width {config.width} < {data.num_classes} classes: the K x h classifier ETF "
@@ -204,10 +170,6 @@ def _check_config(config: AdaptiveETFConfig, data: DataSplits) -> None:
         )
     if not 0 <= config.fixed_last <= config.depth + 1:
         raise ValueError(f"--fixed-last must lie in [0, {config.depth + 1}] (linear layers)")
-    known = {"baseline", "adaptive-canonical", "adaptive-nearest"}
-    for method in method_names(config):
-        if method not in known and not method.startswith("fixed-last-"):
-            raise ValueError(f"unknown method {method!r}")
 
 
 def _run(
@@ -236,6 +198,7 @@ def _run(
     loader = make_loader(
         data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
     )
+    eval_train, eval_test = eval_loaders(data)
     x_probe, y_probe = data.x_train[: config.probe_samples], data.y_train[: config.probe_samples]
     loss_fn = nn.CrossEntropyLoss()
     bar = tqdm(
@@ -260,8 +223,8 @@ def _run(
             "seed": seed,
             "epoch": epoch,
             "train_loss": train_loss,
-            "train_accuracy": accuracy(model, data.x_train, data.y_train),
-            "test_accuracy": accuracy(model, data.x_test, data.y_test),
+            "train_accuracy": evaluate(model, eval_train)[1],
+            "test_accuracy": evaluate(model, eval_test)[1],
             "trainable_params": trainable_parameters(model),
             "frozen_from": -1 if frozen_from is None else frozen_from + 1,
             "frozen_epoch": -1 if frozen_epoch is None else frozen_epoch,
@@ -276,10 +239,9 @@ def _run(
     bar.close()
     if out_dir is not None and config.save_networks:
         meta = {"source": "adaptive-etf", "config": asdict(config)}
-        meta |= {k: rows[-1][k] for k in ("method", "seed", "epoch", "test_accuracy")}
-        meta["train_accuracy"] = rows[-1]["train_accuracy"]
-        stack = layer_stack_of(model.cpu(), data.x_train, data.y_train, meta)
-        save_layer_stack(stack, out_dir / f"network-{method}-seed{seed}.pt")
+        keys = ("method", "seed", "epoch", "train_accuracy", "test_accuracy")
+        meta |= {k: rows[-1][k] for k in keys}
+        save_network(model, data, meta, out_dir / f"network-{method}-seed{seed}.pt")
     return rows
 
 
@@ -290,11 +252,6 @@ def run_adaptive_etf(
     if data is None:
         data = load_dataset(config.dataset).subset(config.train_subset, config.test_subset)
     _check_config(config, data)
-    if len(data.x_train) < config.batch_size:
-        raise ValueError(
-            f"{len(data.x_train)} training samples < batch size {config.batch_size} "
-            "(the last incomplete batch is dropped)"
-        )
     rows: list[dict[str, object]] = []
     for seed in range(config.seeds):
         for method in method_names(config):
@@ -327,12 +284,6 @@ def _summary_rows(
     return out
 
 
-def _mean_curve(rows: Sequence[dict[str, object]], method: str, key: str) -> np.ndarray:
-    mine = [r for r in rows if r["method"] == method]
-    epochs = sorted({int(r["epoch"]) for r in mine})
-    return np.array([np.mean([float(r[key]) for r in mine if r["epoch"] == e]) for e in epochs])
-
-
 def _plot_ncc(rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, path: Path) -> None:
     """Per method: training NCC accuracy of every hidden layer vs epoch (mean over seeds)."""
     methods = method_names(config)
@@ -342,7 +293,8 @@ def _plot_ncc(rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, path
     for j, method in enumerate(methods):
         ax = fig.add_subplot(1, len(methods), j + 1)
         for i in range(config.depth):
-            ax.plot(epochs, _mean_curve(rows, method, f"ncc_{i + 1}"), colours[i], label=f"{i + 1}")
+            curve = mean_curve(rows, "method", method, f"ncc_{i + 1}")
+            ax.plot(epochs, curve, colours[i], label=f"{i + 1}")
         ax.axhline(config.threshold, color="grey", linestyle=":", linewidth=1)
         for r in rows:
             if r["method"] == method and r["epoch"] == config.epochs and r["frozen_epoch"] != -1:
@@ -358,30 +310,6 @@ def _plot_ncc(rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, path
     fig.savefig(path, dpi=90)
 
 
-def _plot_accuracy(
-    rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, path: Path
-) -> None:
-    """Train/test accuracy and trainable parameters vs epoch per method (mean over seeds)."""
-    panels = (
-        ("train_accuracy", "train accuracy [%]"),
-        ("test_accuracy", "test accuracy [%]"),
-        ("trainable_params", "trainable parameters"),
-    )
-    fig = Figure(figsize=(12, 3.4))
-    epochs = np.arange(1, config.epochs + 1)
-    for j, (key, title) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), j + 1)
-        for method in method_names(config):
-            ax.plot(epochs, _mean_curve(rows, method, key), label=method)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.tick_params(labelsize=7)
-        if j == 0:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-
-
 def write_results(
     rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, out_dir: Path
 ) -> dict[str, Path]:
@@ -390,7 +318,13 @@ def write_results(
     paths = write_metrics_and_summary(config, rows, _summary_rows(rows, config), out_dir)
     paths |= {name: out_dir / name for name in ("ncc_curves.png", "accuracy.png")}
     _plot_ncc(rows, config, paths["ncc_curves.png"])
-    _plot_accuracy(rows, config, paths["accuracy.png"])
+    plot_mean_curves(
+        rows,
+        "method",
+        {m: m for m in method_names(config)},
+        (*ACCURACY_PANELS, ("trainable_params", "trainable parameters")),
+        paths["accuracy.png"],
+    )
     return paths
 
 
@@ -417,8 +351,6 @@ def main(args: argparse.Namespace) -> None:
     config = config_from_args(
         AdaptiveETFConfig,
         args,
-        progress=not args.no_progress,
-        save_networks=not args.no_networks,
     )
     out_dir = args.out or default_out_dir(
         "adaptive-etf", f"{Path(args.dataset).name}-D{args.depth}-h{args.width}"
@@ -455,8 +387,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=d.probe_samples,
         help="training samples on which the per-layer NCC accuracy and NC1 are measured",
     )
-    add_run_arguments(parser, d)
-    parser.add_argument(
-        "--no-networks", action="store_true", help="do not save network-*.pt layer stacks"
-    )
+    add_run_arguments(parser, d, networks=True)
     parser.set_defaults(func=main)

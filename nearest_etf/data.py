@@ -241,6 +241,11 @@ def make_loader(
     x: Tensor, y: Tensor, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False
 ) -> DataLoader:
     """A DataLoader over (x, y), shuffled by a generator seeded with `seed` (reproducible)."""
+    if drop_last and len(x) < batch_size:
+        raise ValueError(
+            f"{len(x)} samples < batch size {batch_size}: with the incomplete last batch "
+            "dropped there is no batch to train on"
+        )
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         TensorDataset(x, y),

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from nearest_etf._validation import check_choice
+from nearest_etf._validation import check_choice, check_stiefel
 from nearest_etf.etf import etf_classifier
 from nearest_etf.nearest import nearest_etf
 
@@ -86,6 +86,7 @@ def etf_weight(
             f"({big}, {n}), got {tuple(frame.shape)}"
         )
     else:
+        frame = check_stiefel("frame", frame, frame.shape, frame.dtype)
         frame = frame.to(dtype=dtype or frame.dtype, device=device or frame.device)
     return _from_frame(frame, out_features, in_features)
 
@@ -124,6 +125,8 @@ class ETFLinear(nn.Linear):
         dtype: torch.dtype | None = None,
     ) -> None:
         _check_shape(out_features, in_features)
+        if weight is not None and frame is not None:
+            raise ValueError("pass either weight (a precomputed ETF) or frame, not both")
         if weight is not None and weight.shape != (out_features, in_features):
             raise ValueError(
                 f"weight must have shape ({out_features}, {in_features}), got {tuple(weight.shape)}"
@@ -185,12 +188,12 @@ def convert_to_etf(model: nn.Module, names: Sequence[str], mode: str = "canonica
         raise TypeError("names must be a sequence of module names, not a single string")
     modules = dict(model.named_modules())
     for name in names:
+        if name == "":
+            raise ValueError("cannot convert the model itself; name one of its submodules")
         if name not in modules:
             raise ValueError(f"the model has no submodule named {name!r}")
         if not isinstance(modules[name], nn.Linear):
             raise TypeError(f"{name!r} is a {type(modules[name]).__name__}, not an nn.Linear")
-        if name == "":
-            raise ValueError("cannot convert the model itself; name one of its submodules")
     for name in names:
         linear = modules[name]
         if isinstance(linear, ETFLinear):

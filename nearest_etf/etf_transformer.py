@@ -25,9 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -40,8 +38,13 @@ from nearest_etf._cli import (
     default_out_dir,
     positive_int,
 )
-from nearest_etf._io import final_accuracy_summary, write_metrics_and_summary
-from nearest_etf.adaptive_etf import accuracy, train_epoch
+from nearest_etf._io import (
+    ACCURACY_PANELS,
+    final_accuracy_summary,
+    plot_mean_curves,
+    write_metrics_and_summary,
+)
+from nearest_etf._training import eval_loaders, evaluate, train_epoch
 from nearest_etf.data import DataSplits, load_dataset, make_loader
 from nearest_etf.etf_layers import convert_to_etf, trainable_parameters
 
@@ -146,6 +149,8 @@ def _run(
     loader = make_loader(
         data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
     )
+    eval_train, eval_test = eval_loaders(data)
+    total_params = sum(p.numel() for p in model.parameters())
     loss_fn = nn.CrossEntropyLoss()
     bar = tqdm(
         total=config.epochs * len(loader),
@@ -158,15 +163,17 @@ def _run(
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         train_loss = train_epoch(model, loader, optimizer, loss_fn, bar.update)
+        _, train_accuracy = evaluate(model, eval_train)
+        _, test_accuracy = evaluate(model, eval_test)
         row: dict[str, object] = {
             "variant": variant,
             "seed": seed,
             "epoch": epoch,
             "train_loss": train_loss,
-            "train_accuracy": accuracy(model, data.x_train, data.y_train),
-            "test_accuracy": accuracy(model, data.x_test, data.y_test),
+            "train_accuracy": train_accuracy,
+            "test_accuracy": test_accuracy,
             "trainable_params": trainable_parameters(model),
-            "total_params": sum(p.numel() for p in model.parameters()),
+            "total_params": total_params,
             "seconds": time.perf_counter() - start,
         }
         rows.append(row)
@@ -184,11 +191,6 @@ def run_etf_transformer(
         raise ValueError(f"variants must be among {VARIANTS}, got {config.variants}")
     if data is None:
         data = load_dataset(config.dataset).subset(config.train_subset, config.test_subset)
-    features = math.prod(data.input_shape)
-    if features % config.patch_size:
-        raise ValueError(
-            f"--patch-size {config.patch_size} does not divide the {features} input features"
-        )
     rows: list[dict[str, object]] = []
     for seed in range(config.seeds):
         for variant in config.variants:
@@ -234,23 +236,10 @@ def write_results(
     summary = _summary_rows(rows, config)
     paths = write_metrics_and_summary(config, rows, summary, out_dir)
     paths["accuracy.png"] = out_dir / "accuracy.png"
-    fig = Figure(figsize=(8, 3.4))
-    epochs = np.arange(1, config.epochs + 1)
-    for j, (key, title) in enumerate(
-        (("train_accuracy", "train accuracy [%]"), ("test_accuracy", "test accuracy [%]"))
-    ):
-        ax = fig.add_subplot(1, 2, j + 1)
-        for s in summary:
-            mine = [r for r in rows if r["variant"] == s["variant"]]
-            curve = [np.mean([float(r[key]) for r in mine if r["epoch"] == e]) for e in epochs]
-            ax.plot(epochs, curve, label=f"{s['variant']} ({s['trainable_params']} trainable)")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.tick_params(labelsize=7)
-        if j == 1:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(paths["accuracy.png"], dpi=90)
+    labels = {
+        str(s["variant"]): f"{s['variant']} ({s['trainable_params']} trainable)" for s in summary
+    }
+    plot_mean_curves(rows, "variant", labels, ACCURACY_PANELS, paths["accuracy.png"])
     return paths
 
 

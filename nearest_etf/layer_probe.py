@@ -27,6 +27,8 @@ def layer_outputs(
 ) -> dict[str, Tensor]:
     """Outputs [N, d_l] (flattened, float64, CPU) of the submodules `names` of `model` on the
     inputs x [N, ...], in eval mode without gradients (the model's mode is restored)."""
+    if isinstance(names, str):
+        raise TypeError("names must be a sequence of module names, not a single string")
     modules = dict(model.named_modules())
     missing = [name for name in names if name not in modules]
     if missing:

@@ -238,13 +238,17 @@ def ncc_accuracy(
     """Nearest-class-centre accuracy, the fraction in [0, 1] of samples with
     argmin_k ||h_i - mu_k|| = y_i, for features[N, d], labels[N] and class means[K, d]
     (default: the class means of these features, `class_means`)."""
-    _check_features(features, labels, num_classes)
     if means is None:
-        means, _ = class_means(features, labels, num_classes)
-    elif means.shape != (num_classes, features.shape[1]):
-        raise ValueError(
-            f"means must have shape ({num_classes}, {features.shape[1]}), got {tuple(means.shape)}"
-        )
+        means, _ = class_means(features, labels, num_classes)  # checks features and labels
+    else:
+        _check_features(features, labels, num_classes)
+        if means.shape != (num_classes, features.shape[1]):
+            raise ValueError(
+                f"means must have shape ({num_classes}, {features.shape[1]}), "
+                f"got {tuple(means.shape)}"
+            )
+        if means.dtype != features.dtype:
+            raise TypeError(f"means has dtype {means.dtype} but features have {features.dtype}")
     return float((_ncc_predictions(features, means) == labels).double().mean())
 
 

@@ -9,7 +9,7 @@ and one row per head, seed, epoch), comparison.png (mean over seeds, min-max ban
 MLP without a head temperature, network-<head>-seed<s>.pt per run: the trained eval-mode network
 as a `nearest_etf.layer_stack.LayerStack` (BatchNorm folded into the linear layers, the head's
 classifier as the last layer, the flattened training inputs as X; float64, so about
-8 * m * in_1 bytes for the inputs) for `nearest-etf bounds`.
+8 * m * in_1 bytes for the inputs) for `nearest-etf bounds`; `--no-networks` skips them.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from nearest_etf._cli import (
     positive_int,
 )
 from nearest_etf._io import write_csv
+from nearest_etf._training import eval_loaders, evaluate, save_network, train_epoch
 from nearest_etf.data import DataSplits, load_dataset, make_loader
 from nearest_etf.heads import HEADS, make_head
-from nearest_etf.layer_stack import layer_stack_of, save_layer_stack
 from nearest_etf.losses import LOSSES, loss_function
 from nearest_etf.metrics import collapse_metrics
 from nearest_etf.models import MODELS, Classifier, make_backbone
@@ -81,6 +81,7 @@ class TrainConfig(TrainingOptions):
     temperature: float | None = None
     delta: float = 1e-3
     average: str = "ema"
+    save_networks: bool = True
     head_options: dict[str, dict[str, object]] = field(default_factory=dict)
 
 
@@ -114,30 +115,6 @@ class _Outputs:
                 yield self.model.head.scale_features(features), logits, y
 
 
-def _evaluate(
-    model: Classifier, loader: DataLoader, loss_fn: LossFn, device: torch.device
-) -> tuple[float, float]:
-    """(mean loss, accuracy %) of the model in eval mode."""
-    total_loss = correct = count = 0.0
-    with torch.no_grad():
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            total_loss += float(loss_fn(logits, y)) * len(y)
-            correct += float((logits.argmax(1) == y).sum())
-            count += len(y)
-    return total_loss / count, 100.0 * correct / count
-
-
-def _save_network(
-    model: Classifier, data: DataSplits, config: TrainConfig, row: dict[str, object], path: Path
-) -> None:
-    """Write the eval-mode model with the training inputs as a LayerStack to `path`."""
-    meta = {"source": "train", "config": asdict(config)}
-    meta |= {k: row[k] for k in ("head", "seed", "epoch", "train_accuracy", "test_accuracy")}
-    save_layer_stack(layer_stack_of(model, data.x_train, data.y_train, meta), path)
-
-
 def train_run(
     data: DataSplits,
     config: TrainConfig,
@@ -161,8 +138,7 @@ def train_run(
     train_loader = make_loader(
         data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
     )
-    eval_train = make_loader(data.x_train, data.y_train, 1024, shuffle=False)
-    eval_test = make_loader(data.x_test, data.y_test, 1024, shuffle=False)
+    eval_train, eval_test = eval_loaders(data)
     rows: list[dict[str, object]] = []
     bar = tqdm(
         total=config.epochs * len(train_loader),
@@ -172,28 +148,21 @@ def train_run(
         mininterval=0.5,
     )
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        running = 0.0
-        for x, y in train_loader:
-            x, y = x.to(device), y.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x, y), y)
-            loss.backward()
-            optimizer.step()
-            running += loss.item()
-            bar.update()
+        step_loss = train_epoch(
+            model, train_loader, optimizer, loss_fn, bar.update, targets_to_model=True
+        )
         schedule.step()
         model.eval()
         W, b = head.classifier()
         metrics = collapse_metrics(_Outputs(model, eval_train, device), W, b, data.num_classes)
-        train_loss, _ = _evaluate(model, eval_train, loss_fn, device)
-        test_loss, test_accuracy = _evaluate(model, eval_test, loss_fn, device)
+        train_loss, _ = evaluate(model, eval_train, loss_fn)
+        test_loss, test_accuracy = evaluate(model, eval_test, loss_fn)
         row: dict[str, object] = {
             "head": head_name,
             "seed": seed,
             "epoch": epoch,
             "train_loss": train_loss,
-            "train_step_loss": running / len(train_loader),
+            "train_step_loss": step_loss,
             "train_accuracy": metrics.pop("accuracy"),
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
@@ -202,9 +171,16 @@ def train_run(
         rows.append(row)
         bar.set_postfix(test_acc=f"{test_accuracy:.1f}", nc1=f"{metrics['nc1']:.3g}")
     bar.close()
-    if network_dir is not None and config.model == "mlp" and config.temperature is None:
-        path = network_dir / f"network-{head_name}-seed{seed}.pt"
-        _save_network(model, data, config, rows[-1], path)
+    if (
+        network_dir is not None
+        and config.save_networks
+        and config.model == "mlp"
+        and config.temperature is None
+    ):
+        meta = {"source": "train", "config": asdict(config)}
+        keys = ("head", "seed", "epoch", "train_accuracy", "test_accuracy")
+        meta |= {k: rows[-1][k] for k in keys}
+        save_network(model, data, meta, network_dir / f"network-{head_name}-seed{seed}.pt")
     return rows
 
 
@@ -288,9 +264,7 @@ def _summary(rows: Sequence[dict[str, object]], heads: Sequence[str]) -> str:
 
 def main(args: argparse.Namespace) -> None:
     heads = tuple(HEADS) if args.head == "all" else (args.head,)
-    config = config_from_args(
-        TrainConfig, args, heads=heads, widths=tuple(args.widths), progress=not args.no_progress
-    )
+    config = config_from_args(TrainConfig, args, heads=heads, widths=tuple(args.widths))
     out_dir = args.out or default_out_dir("train", f"{Path(args.dataset).name}-{args.model}")
     print(f"output directory: {out_dir}")
     rows = train_all(config, network_dir=out_dir)
@@ -331,5 +305,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--delta", type=float, default=d.delta, help="implicit head prox weight")
     parser.add_argument("--average", choices=("ema", "cma", "none"), default=d.average)
-    add_run_arguments(parser, d, device_help="cpu, cuda, cuda:1, ...", threads=False)
+    add_run_arguments(parser, d, device_help="cpu, cuda, cuda:1, ...", threads=False, networks=True)
     parser.set_defaults(func=main)

@@ -52,7 +52,7 @@ def test_rule_rejects_bad_input_and_keeps_its_state() -> None:
         rule.update([0.95])
     with pytest.raises(ValueError, match="fractions"):
         rule.update([95.0, 0.1])
-    assert rule.streaks == [1, 0] and rule.epochs_seen == 1
+    assert rule.streaks == [1, 0] and rule.frozen_from is None
     assert rule.update([0.95, 0.1]) == 0
 
 
@@ -79,10 +79,17 @@ def test_adaptive_run_freezes_and_counts_parameters() -> None:
         assert mine[0]["frozen_from"] == -1 and mine[0]["ncc_1"] >= 0.9
         assert mine[1]["frozen_from"] == 1 and mine[1]["frozen_epoch"] == 1
         assert mine[1]["trainable_params"] == total - 6 * 8 - 8 * 8 - 3 * 8
+    # Same initialisation and data order: only the frozen weights (canonical vs nearest) differ.
+    canonical = [r for r in rows if r["method"] == "adaptive-canonical"]
+    nearest = [r for r in rows if r["method"] == "adaptive-nearest"]
+    assert canonical[0]["train_loss"] == nearest[0]["train_loss"]
+    assert canonical[1]["train_loss"] != nearest[1]["train_loss"]
     with pytest.raises(ValueError, match="batch size"):
         run_adaptive_etf(AdaptiveETFConfig(batch_size=1000, progress=False), data)
     with pytest.raises(ValueError, match="needs h >= K"):
         run_adaptive_etf(AdaptiveETFConfig(width=2, progress=False), data)
+    with pytest.raises(ValueError, match="threshold"):  # before any training
+        run_adaptive_etf(AdaptiveETFConfig(threshold=90, progress=False), data)
 
 
 def test_adaptive_etf_command_writes_outputs(tmp_path: Path) -> None:
@@ -188,3 +195,5 @@ def test_etf_transformer_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "etf-nearest" in capsys.readouterr().out
     with pytest.raises(ValueError, match="does not divide"):
         main(["etf-transformer", "--dataset", "digits", "--patch-size", "5", "--no-progress"])
+    with pytest.raises(ValueError, match="batch size"):
+        main(["etf-transformer", "--dataset", "digits", "--train-subset", "60", "--no-progress"])

@@ -68,6 +68,10 @@ def test_etf_linear_rejects_bad_shapes() -> None:
         ETFLinear(5, 3, frame=torch.eye(5, 2))
     with pytest.raises(ValueError, match="weight must have shape"):
         ETFLinear(5, 3, weight=torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="orthonormal columns"):
+        ETFLinear(5, 3, frame=2 * torch.eye(5, 3))
+    with pytest.raises(ValueError, match="not both"):
+        ETFLinear(5, 3, frame=torch.eye(5, 3), weight=etf_weight(3, 5))
 
 
 def test_conversion_keeps_outputs_when_the_weight_already_is_the_etf() -> None:
@@ -138,6 +142,8 @@ def test_convert_rejects_bad_input_without_changing_the_model() -> None:
         convert_to_etf(model, ["0"], "random")
     with pytest.raises(TypeError, match="single string"):
         convert_to_etf(model, "0")
+    with pytest.raises(ValueError, match="the model itself"):
+        convert_to_etf(model, [""])
     with pytest.raises(ValueError, match="k must be"):
         fix_last_layers(model, 3)
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
@@ -173,5 +179,7 @@ def test_ncc_accuracy_and_effective_depth() -> None:
     assert ncc_accuracy(features, labels, 2, torch.tensor([[0.0], [1.0]])) == 0.75
     with pytest.raises(ValueError, match="means must have shape"):
         ncc_accuracy(features, labels, 2, torch.zeros(3, 1))
+    with pytest.raises(TypeError, match="dtype"):
+        ncc_accuracy(features, labels, 2, torch.zeros(2, 1, dtype=torch.float64))
     assert effective_depth([0.5, 0.89, 0.9, 0.95]) == 2
     assert effective_depth([0.5, 0.6], threshold=0.9) is None

@@ -60,6 +60,10 @@ def test_train_command_writes_csv_json_png(tmp_path, capsys):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["config"]["epochs"] == 2 and len(saved["rows"]) == 12
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.glob("network-*.pt"))[0] == "network-fixed-seed0.pt"
+    quiet = tmp_path / "no-networks"
+    cli_main([*args.split(), str(quiet), "--no-progress", "--no-networks", "--seeds", "1"])
+    assert (quiet / "metrics.csv").exists() and not list(quiet.glob("network-*.pt"))
 
 
 def _write_idx(path, array: np.ndarray, type_code: int) -> None:
