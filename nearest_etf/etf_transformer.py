@@ -245,12 +245,7 @@ def write_results(
 
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    config = config_from_args(
-        ETFTransformerConfig,
-        args,
-        variants=tuple(args.variants),
-        progress=not args.no_progress,
-    )
+    config = config_from_args(ETFTransformerConfig, args, variants=tuple(args.variants))
     out_dir = args.out or default_out_dir("etf-transformer", Path(args.dataset).name)
     print(f"output directory: {out_dir}")
     rows = run_etf_transformer(config)
