@@ -21,15 +21,18 @@ arguments `c1`, `c2` (default 1, i.e. reported with C1 = C2 = 1, which is NOT a 
 the figures are the bound's shape, not a certified number). The per-layer `term` reported is
 (||X||_F / m) T_i, so the terms sum to G.
 
-**Generalisation gap**, as stated in the project's issue 7 from the paper, for a loss that is
-L_loss-Lipschitz in the network output and takes values in [0, 1], with probability >= 1 - delta
-over the m samples:
+**Generalisation gap.** The reported `gap` is the form stated in the project's issue 7, which
+attributes it to the paper (whose full text was not available here to check it). For a loss
+that is L_loss-Lipschitz in the network output and takes values in [0, 1], with probability
+>= 1 - delta over the m samples:
 
     gap <= sqrt(L_loss pi) G + sqrt(9 log(2/delta) / (2m)).
 
-(For comparison, the textbook chain R <= sqrt(pi/2) G and gap <= 2 L_loss R + 3 sqrt(log(2/delta)
-/ (2m)) gives sqrt(2 pi) L_loss G for the first term; the two agree for L_loss = 1 up to the
-factor sqrt(2).)
+This is NOT what the textbook chain gives: R <= sqrt(pi/2) G (Rademacher from Gaussian
+complexity), the contraction R(loss o F) <= L_loss R(F) and gap <= 2 R + 3 sqrt(log(2/delta) /
+(2m)) give sqrt(2 pi) L_loss G for the first term, larger than the issue's by the factor
+sqrt(2 L_loss) (sqrt(2) for L_loss = 1). The confidence terms agree. Only the issue's form is
+computed here.
 
 **Comparison bounds** on the (empirical) Rademacher complexity, in the forms used for the paper's
 comparison (Table 1), margin gamma = 1, data term as in each original theorem:
@@ -53,7 +56,10 @@ comparisons are comparisons of growth, not of certified values.
 augmenting the inputs with a constant coordinate: x' = (x, 1), hidden layers
 W_i' = [[W_i, b_i], [0, 1]] (the 1 passes through phi since ReLU(1) = 1), last layer
 W_L' = [W_L, b_L]; f'(x') = f(x). The bounds are then those of (W_1', ..., W_L') on X' =
-[X, 1], which adds 1 to every hidden width and changes the norms (`bias_free_weights`).
+[X, 1], which adds 1 to every hidden width and to the input width, and changes the norms
+(`bias_free_weights`). The exact rank of each hidden layer grows by 1 ([[W_i, b_i], [0, 1]] has
+rank W_i + 1); the last layer's [W_L, b_L] gains 0 or 1 (0 when b_L is in the span of W_L's
+columns).
 """
 
 from __future__ import annotations
@@ -66,9 +72,10 @@ import torch
 from torch import Tensor
 
 from nearest_etf.layer_stack import LayerStack
-from nearest_etf.metrics import numerical_rank, singular_values
+from nearest_etf.metrics import singular_values
 
 __all__ = [
+    "BOUND_NAMES",
     "BoundsResult",
     "LayerBound",
     "bartlett_bound",
@@ -82,22 +89,34 @@ __all__ = [
 
 DEFAULT_RANK_RTOL = 1e-3
 
+BOUND_NAMES = ("rank_aware", "gap", "golowich", "neyshabur", "bartlett")
+"""The bounds of a `BoundsResult`, by attribute name, in reporting order."""
+
 
 @dataclass(frozen=True)
 class LayerBound:
     """One layer's row of the rank-aware bound: W_i [h_i, h_{i-1}], its norms, numerical rank,
     r_i = min_{j<i} rank W_j (None for i = 1), kappa_i = prod_{j != i} ||W_j||_2 and its term
-    (||X||_F / m) T_i of the bound (see the module docstring)."""
+    (||X||_F / m) T_i of the bound (see the module docstring); width = h_i = shape[0]."""
 
     layer: int
     shape: tuple[int, int]
-    width: int
     spectral_norm: float
     frobenius_norm: float
     rank: int
     r: int | None
     kappa: float
     term: float
+
+    @property
+    def width(self) -> int:
+        """h_i, the rows of W_i."""
+        return self.shape[0]
+
+    def to_dict(self) -> dict:
+        """JSON-able form, with width after shape."""
+        fields = asdict(self)  # "layer" and "shape" first, so width lands right after shape
+        return {"layer": self.layer, "shape": fields.pop("shape"), "width": self.width} | fields
 
 
 @dataclass(frozen=True)
@@ -122,13 +141,37 @@ class BoundsResult:
 
     @property
     def totals(self) -> dict[str, float]:
-        """The bounds by name."""
-        names = ("rank_aware", "gap", "golowich", "neyshabur", "bartlett")
-        return {name: getattr(self, name) for name in names}
+        """The bounds by name (`BOUND_NAMES`)."""
+        return {name: getattr(self, name) for name in BOUND_NAMES}
 
     def to_dict(self) -> dict:
-        """JSON-able form (layers as a list of dicts)."""
-        return asdict(self)
+        """JSON-able form (layers as a list of dicts, `LayerBound.to_dict`)."""
+        return asdict(self) | {"layers": [layer.to_dict() for layer in self.layers]}
+
+
+@dataclass(frozen=True)
+class _Matrix:
+    """The statistics of one W_i [h_i, h_{i-1}] that the bounds use (one SVD)."""
+
+    shape: tuple[int, int]
+    singular_values: Tensor
+    spectral: float
+    frobenius: float
+    row_norm_sum: float  # ||W^T||_{2,1}
+
+
+@dataclass(frozen=True)
+class _Data:
+    """m, ||X||_F and max_j ||x_j|| of the data X [m, h_0]."""
+
+    m: int
+    frobenius: float
+    max_row_norm: float
+
+    @property
+    def scale(self) -> float:
+        """||X||_F / m."""
+        return self.frobenius / self.m
 
 
 def _check_weights(weights: Sequence[Tensor], X: Tensor | None = None) -> list[Tensor]:
@@ -157,14 +200,102 @@ def _check_weights(weights: Sequence[Tensor], X: Tensor | None = None) -> list[T
     return mats
 
 
-def _spectral(W: Tensor) -> float:
-    return float(singular_values(W)[0])
-
-
-def _data_scale(X: Tensor) -> tuple[int, float]:
-    """(m, ||X||_F / m)."""
+def _data_stats(X: Tensor) -> tuple[int, float, float]:
+    """(m, ||X||_F, max_j ||x_j||) of X [m, h_0], in float64 and without autograd."""
     X = X.detach().to("cpu", torch.float64)
-    return X.shape[0], float(torch.linalg.matrix_norm(X)) / X.shape[0]
+    frobenius = float(torch.linalg.matrix_norm(X))
+    return X.shape[0], frobenius, float(torch.linalg.vector_norm(X, dim=1).max())
+
+
+def _prepare(weights: Sequence[Tensor], X: Tensor) -> tuple[list[_Matrix], _Data]:
+    """Checked statistics of W_1..W_L (one SVD each) and of X."""
+    matrices = []
+    for W in _check_weights(weights, X):
+        s = singular_values(W)
+        matrices.append(
+            _Matrix(
+                shape=(W.shape[0], W.shape[1]),
+                singular_values=s,
+                spectral=float(s[0]),
+                frobenius=float(torch.linalg.matrix_norm(W)),
+                row_norm_sum=float(torch.linalg.vector_norm(W, dim=1).sum()),
+            )
+        )
+    return matrices, _Data(*_data_stats(X))
+
+
+def _rank(s: Tensor, rtol: float) -> int:
+    """`nearest_etf.metrics.numerical_rank` from the singular values s (decreasing) of W."""
+    if not rtol > 0:
+        raise ValueError(f"rtol must be positive, got {rtol}")
+    if float(s[0]) == 0.0:  # W = 0 (the checks exclude empty matrices)
+        return 0
+    return int((s > rtol * s[0]).sum())
+
+
+def _rank_aware(
+    mats: list[_Matrix], data: _Data, rank_rtol: float, c1: float, c2: float
+) -> tuple[float, list[LayerBound]]:
+    if not (c1 > 0 and c2 > 0):
+        raise ValueError(f"c1 and c2 must be positive, got {c1=}, {c2=}")
+    L = len(mats)
+    spectral = [W.spectral for W in mats]
+    ranks = [_rank(W.singular_values, rank_rtol) for W in mats]
+    rows: list[LayerBound] = []
+    for i, W in enumerate(mats):  # i = layer - 1
+        width = W.shape[0]
+        kappa = math.prod(spectral[:i] + spectral[i + 1 :], start=1.0)
+        if i == 0:
+            r = None
+            term = W.frobenius * math.sqrt(width) * math.prod(c1 * s for s in spectral[1:])
+        else:
+            r = min(ranks[:i])
+            term = c1 ** (L - 1 - i) * c2 * 2 * math.sqrt(2 * r) * kappa * W.frobenius
+            term *= math.sqrt(width)
+        rows.append(
+            LayerBound(
+                layer=i + 1,
+                shape=W.shape,
+                spectral_norm=spectral[i],
+                frobenius_norm=W.frobenius,
+                rank=ranks[i],
+                r=r,
+                kappa=kappa,
+                term=data.scale * term,
+            )
+        )
+    return sum(row.term for row in rows), rows
+
+
+def _golowich(mats: list[_Matrix], data: _Data) -> float:
+    product = math.prod(W.frobenius for W in mats)
+    return data.scale * (math.sqrt(2 * math.log(2) * len(mats)) + 1) * product
+
+
+def _neyshabur(mats: list[_Matrix], data: _Data) -> float:
+    L = len(mats)
+    h = max(W.shape[0] for W in mats)
+    spectral = [W.spectral for W in mats]
+    if min(spectral) == 0:
+        return 0.0
+    stable = sum(W.frobenius**2 / W.spectral**2 for W in mats)
+    # L, h >= 1, so ln(L h) >= 0 (and 0 for a single 1-row layer)
+    return (
+        data.max_row_norm
+        / math.sqrt(data.m)
+        * L
+        * math.sqrt(h * math.log(L * h))
+        * math.prod(spectral)
+        * math.sqrt(stable)
+    )
+
+
+def _bartlett(mats: list[_Matrix], data: _Data) -> float:
+    spectral = [W.spectral for W in mats]
+    if min(spectral) == 0:
+        return 0.0
+    ratios = [W.row_norm_sum / W.spectral for W in mats]
+    return data.scale * math.prod(spectral) * sum(r ** (2 / 3) for r in ratios) ** 1.5
 
 
 def rank_aware_bound(
@@ -175,45 +306,14 @@ def rank_aware_bound(
     c2: float = 1.0,
 ) -> tuple[float, list[LayerBound]]:
     """(G, per-layer rows) of Theorem 7 (module docstring) for W_1..W_L and data X [m, h_0]."""
-    mats = _check_weights(weights, X)
-    if not (c1 > 0 and c2 > 0):
-        raise ValueError(f"c1 and c2 must be positive, got {c1=}, {c2=}")
-    _, scale = _data_scale(X)
-    L = len(mats)
-    spectral = [_spectral(W) for W in mats]
-    ranks = [numerical_rank(W, rank_rtol) for W in mats]
-    rows: list[LayerBound] = []
-    for i, W in enumerate(mats):  # i = layer - 1
-        frobenius = float(torch.linalg.matrix_norm(W))
-        width = W.shape[0]
-        kappa = math.prod(spectral[:i] + spectral[i + 1 :])
-        if i == 0:
-            r = None
-            term = frobenius * math.sqrt(width) * math.prod(c1 * s for s in spectral[1:])
-        else:
-            r = min(ranks[:i])
-            term = c1 ** (L - 1 - i) * c2 * 2 * math.sqrt(2 * r) * kappa * frobenius
-            term *= math.sqrt(width)
-        rows.append(
-            LayerBound(
-                layer=i + 1,
-                shape=(W.shape[0], W.shape[1]),
-                width=width,
-                spectral_norm=spectral[i],
-                frobenius_norm=frobenius,
-                rank=ranks[i],
-                r=r,
-                kappa=kappa,
-                term=scale * term,
-            )
-        )
-    return sum(row.term for row in rows), rows
+    return _rank_aware(*_prepare(weights, X), rank_rtol, c1, c2)
 
 
 def generalisation_gap_bound(
     gaussian_complexity: float, m: int, delta: float = 0.05, loss_lipschitz: float = 1.0
 ) -> float:
-    """sqrt(L_loss pi) G + sqrt(9 log(2/delta) / (2m)) (module docstring; loss in [0, 1])."""
+    """sqrt(L_loss pi) G + sqrt(9 log(2/delta) / (2m)), loss in [0, 1]: the form issue 7 states
+    (the textbook chain gives sqrt(2 pi) L_loss G for the first term; module docstring)."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if not loss_lipschitz > 0 or not gaussian_complexity >= 0 or m < 1:
@@ -228,49 +328,19 @@ def generalisation_gap_bound(
 
 def golowich_bound(weights: Sequence[Tensor], X: Tensor) -> float:
     """(||X||_F / m) (sqrt(2 log(2) L) + 1) prod_i ||W_i||_F (Golowich et al. 2018)."""
-    mats = _check_weights(weights, X)
-    _, scale = _data_scale(X)
-    product = math.prod(float(torch.linalg.matrix_norm(W)) for W in mats)
-    return scale * (math.sqrt(2 * math.log(2) * len(mats)) + 1) * product
+    return _golowich(*_prepare(weights, X))
 
 
 def neyshabur_bound(weights: Sequence[Tensor], X: Tensor) -> float:
     """(B_X / sqrt(m)) L sqrt(h ln(L h)) prod ||W_i||_2 sqrt(sum ||W_i||_F^2 / ||W_i||_2^2),
     B_X = max row norm of X, h = max_i h_i (Neyshabur et al. 2018; no constants)."""
-    mats = _check_weights(weights, X)
-    m, L = X.shape[0], len(mats)
-    h = max(W.shape[0] for W in mats)
-    max_norm = float(torch.linalg.vector_norm(X.to(torch.float64), dim=1).max())
-    spectral = [_spectral(W) for W in mats]
-    if min(spectral) == 0:
-        return 0.0
-    stable = sum(
-        float(torch.linalg.matrix_norm(W)) ** 2 / s**2 for W, s in zip(mats, spectral, strict=True)
-    )
-    log_term = math.log(L * h) if L * h > 1 else 0.0
-    return (
-        max_norm
-        / math.sqrt(m)
-        * L
-        * math.sqrt(h * log_term)
-        * math.prod(spectral)
-        * (math.sqrt(stable))
-    )
+    return _neyshabur(*_prepare(weights, X))
 
 
 def bartlett_bound(weights: Sequence[Tensor], X: Tensor) -> float:
     """(||X||_F / m) prod ||W_i||_2 (sum_i (||W_i^T||_{2,1} / ||W_i||_2)^{2/3})^{3/2}
     (Bartlett et al. 2017, reference matrices 0, no constants or log factors)."""
-    mats = _check_weights(weights, X)
-    _, scale = _data_scale(X)
-    spectral = [_spectral(W) for W in mats]
-    if min(spectral) == 0:
-        return 0.0
-    ratios = [
-        float(torch.linalg.vector_norm(W, dim=1).sum()) / s
-        for W, s in zip(mats, spectral, strict=True)
-    ]
-    return scale * math.prod(spectral) * sum(r ** (2 / 3) for r in ratios) ** 1.5
+    return _bartlett(*_prepare(weights, X))
 
 
 def bias_free_weights(stack: LayerStack) -> tuple[list[Tensor], Tensor]:
@@ -300,20 +370,19 @@ def network_bounds(
     c2: float = 1.0,
 ) -> BoundsResult:
     """Every bound of the network in `stack` on its training inputs (biases folded in by input
-    augmentation, see `bias_free_weights`)."""
-    weights, X = bias_free_weights(stack)
-    m = X.shape[0]
-    G, rows = rank_aware_bound(weights, X, rank_rtol, c1, c2)
+    augmentation, see `bias_free_weights`); one SVD per weight matrix."""
+    mats, data = _prepare(*bias_free_weights(stack))
+    G, rows = _rank_aware(mats, data, rank_rtol, c1, c2)
     return BoundsResult(
         layers=rows,
-        m=m,
-        data_norm=float(torch.linalg.matrix_norm(X)),
-        max_input_norm=float(torch.linalg.vector_norm(X, dim=1).max()),
+        m=data.m,
+        data_norm=data.frobenius,
+        max_input_norm=data.max_row_norm,
         rank_aware=G,
-        gap=generalisation_gap_bound(G, m, delta, loss_lipschitz),
-        golowich=golowich_bound(weights, X),
-        neyshabur=neyshabur_bound(weights, X),
-        bartlett=bartlett_bound(weights, X),
+        gap=generalisation_gap_bound(G, data.m, delta, loss_lipschitz),
+        golowich=_golowich(mats, data),
+        neyshabur=_neyshabur(mats, data),
+        bartlett=_bartlett(mats, data),
         settings={
             "c1": c1,
             "c2": c2,

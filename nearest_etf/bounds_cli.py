@@ -4,7 +4,9 @@ PATH is a ``network*.pt`` file (a `LayerStack` written by `nearest-etf train`, `
 run` or any experiment using `save_layer_stack`) or a directory searched recursively for them.
 Written into the directory (a file's parent): ``bounds.json`` (settings, and per network its
 meta, totals and per-layer rows), ``bounds.csv`` (one row per network), ``bounds_layers.csv``
-(one row per network and layer) and ``bounds.png`` (every bound per network, log scale).
+(one row per network and layer) and ``bounds.png`` (every bound per network, log scale). For a
+single file the names carry its stem, ``bounds-<stem>.json`` etc., so that a directory's
+summary is not overwritten.
 """
 
 from __future__ import annotations
@@ -18,13 +20,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from nearest_etf._io import write_csv
-from nearest_etf.bounds import DEFAULT_RANK_RTOL, BoundsResult, network_bounds
+from nearest_etf.bounds import BOUND_NAMES, DEFAULT_RANK_RTOL, BoundsResult, network_bounds
 from nearest_etf.layer_stack import load_layer_stack
 
 __all__ = ["add_parser", "bounds_of_run", "format_table", "network_files"]
 
 _META_KEYS = ("source", "head", "seed", "train_accuracy", "test_accuracy", "found_dnc")
-_BOUND_NAMES = ("rank_aware", "gap", "golowich", "neyshabur", "bartlett")
 
 
 def network_files(path: Path) -> tuple[Path, list[Path]]:
@@ -53,17 +54,17 @@ def _summary_row(name: str, meta: dict, result: BoundsResult) -> dict[str, objec
     return row | result.totals
 
 
-def _plot(rows: Sequence[dict[str, object]], path: Path) -> None:
+def _plot(rows: Sequence[dict[str, object]], path: Path, c1: float, c2: float) -> None:
     fig = Figure(figsize=(max(6.0, 1.2 * len(rows) + 2), 4))
     ax = fig.add_subplot()
     x = np.arange(len(rows))
-    width = 0.8 / len(_BOUND_NAMES)
-    for i, name in enumerate(_BOUND_NAMES):
+    width = 0.8 / len(BOUND_NAMES)
+    for i, name in enumerate(BOUND_NAMES):
         values = [float(r[name]) for r in rows]
-        ax.bar(x + (i - (len(_BOUND_NAMES) - 1) / 2) * width, values, width, label=name)
+        ax.bar(x + (i - (len(BOUND_NAMES) - 1) / 2) * width, values, width, label=name)
     ax.set_yscale("log")
     ax.set_xticks(x, [str(r["network"]) for r in rows], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("bound (C1 = C2 = 1, no log factors)")
+    ax.set_ylabel(f"bound (C1 = {c1:g}, C2 = {c2:g}, no log factors)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -77,7 +78,8 @@ def bounds_of_run(
     c1: float = 1.0,
     c2: float = 1.0,
 ) -> tuple[list[dict[str, object]], dict[str, Path]]:
-    """Bounds of every network under `path`; (summary rows, written file paths)."""
+    """Bounds of every network under `path`; (summary rows, written file paths). The files are
+    bounds.* for a directory and bounds-<stem>.* for a single network file (module docstring)."""
     out_dir, files = network_files(path)
     rows: list[dict[str, object]] = []
     networks: list[dict] = []
@@ -87,28 +89,30 @@ def bounds_of_run(
         result = network_bounds(stack, rank_rtol, delta, loss_lipschitz, c1, c2)
         name = str(file.relative_to(out_dir).with_suffix(""))
         rows.append(_summary_row(name, stack.meta, result))
-        networks.append({"network": name, "meta": stack.meta, **result.to_dict()})
-        for layer in result.to_dict()["layers"]:
+        result_dict = result.to_dict()
+        networks.append({"network": name, "meta": stack.meta, **result_dict})
+        for layer in result_dict["layers"]:
             layer_rows.append(
                 {"network": name, **layer, "shape": "x".join(map(str, layer["shape"]))}
             )
+    stem = "bounds" if Path(path).is_dir() else f"bounds-{files[0].stem}"
     paths = {
-        "json": out_dir / "bounds.json",
-        "csv": out_dir / "bounds.csv",
-        "layers_csv": out_dir / "bounds_layers.csv",
-        "png": out_dir / "bounds.png",
+        "json": out_dir / f"{stem}.json",
+        "csv": out_dir / f"{stem}.csv",
+        "layers_csv": out_dir / f"{stem}_layers.csv",
+        "png": out_dir / f"{stem}.png",
     }
     settings = networks[0]["settings"] | {"biases": "per network, see networks[].settings"}
     paths["json"].write_text(json.dumps({"settings": settings, "networks": networks}, indent=1))
     write_csv(rows, paths["csv"])
     write_csv(layer_rows, paths["layers_csv"])
-    _plot(rows, paths["png"])
+    _plot(rows, paths["png"], c1, c2)
     return rows, paths
 
 
 def format_table(rows: Sequence[dict[str, object]]) -> str:
     """The summary rows as a fixed-width text table."""
-    columns = ("network", "test_accuracy", "found_dnc", "ranks", *_BOUND_NAMES)
+    columns = ("network", "test_accuracy", "found_dnc", "ranks", *BOUND_NAMES)
     cells = [[_cell(row[c]) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]

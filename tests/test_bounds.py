@@ -1,4 +1,5 @@
-"""Complexity bounds against hand computations on diagonal matrices; CLI on tiny saved runs."""
+"""Complexity bounds against hand computations on small explicit matrices; CLI on tiny saved
+runs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import math
 import pytest
 import torch
 
+from nearest_etf import bounds_cli
 from nearest_etf.bounds import (
+    BOUND_NAMES,
     bartlett_bound,
     bias_free_weights,
     generalisation_gap_bound,
@@ -18,7 +21,8 @@ from nearest_etf.bounds import (
     rank_aware_bound,
 )
 from nearest_etf.cli import main as cli_main
-from nearest_etf.layer_stack import LayerStack
+from nearest_etf.layer_stack import LayerStack, save_layer_stack
+from nearest_etf.metrics import numerical_rank
 
 SQRT2 = math.sqrt(2)
 
@@ -92,6 +96,48 @@ def test_comparison_bounds_by_hand() -> None:
     assert bartlett_bound(weights, X) == pytest.approx(expected_bartlett, rel=1e-12)
 
 
+def test_bounds_by_hand_with_a_non_symmetric_layer_and_a_wide_input() -> None:
+    """W2 = [[3, 4], [0, 0]] has row-norm sum 5 but column-norm sum 7, and the input width 3
+    exceeds every layer width 2, so a transposed matrix or a width taken from the input shows."""
+    W1 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]], dtype=torch.float64)
+    W2 = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
+    data = torch.tensor([[1.0, 2.0, 2.0], [0.0, 0.0, 3.0]], dtype=torch.float64)
+    # W1: ||.||_2 = 2, ||.||_F = sqrt 5, rank 2, row-norm sum 1 + 2 = 3, h_1 = 2 (3 columns)
+    # W2: ||.||_2 = 5, ||.||_F = 5, rank 1, row-norm sum 5 (column-norm sum 3 + 4 = 7), h_2 = 2
+    # X: m = 2, ||X||_F = sqrt 18, both rows have norm 3 (B_X = 3)
+    scale = math.sqrt(18) / 2
+    T1 = math.sqrt(5) * math.sqrt(2) * 5  # ||W1||_F sqrt(h_1) ||W2||_2
+    T2 = 2 * math.sqrt(2 * 2) * 2 * 5 * math.sqrt(2)  # 2 sqrt(2 r_2) kappa_2 ||W2||_F sqrt(h_2)
+    G, rows = rank_aware_bound([W1, W2], data)
+    assert [row.term for row in rows] == pytest.approx([scale * T1, scale * T2], rel=1e-12)
+    assert pytest.approx(scale * (T1 + T2), rel=1e-12) == G
+    assert [row.width for row in rows] == [2, 2]
+    assert [row.shape for row in rows] == [(2, 3), (2, 2)]
+    assert [(row.rank, row.r) for row in rows] == [(2, None), (1, 2)]
+    expected_golowich = scale * (math.sqrt(2 * math.log(2) * 2) + 1) * math.sqrt(5) * 5
+    assert golowich_bound([W1, W2], data) == pytest.approx(expected_golowich, rel=1e-12)
+    # B_X / sqrt(m) = 3 / sqrt 2, L = 2, h = 2, prod ||W||_2 = 10, sum ||W||_F^2/||W||_2^2 = 9/4
+    expected_neyshabur = 3 / math.sqrt(2) * 2 * math.sqrt(2 * math.log(4)) * 10 * 1.5
+    assert neyshabur_bound([W1, W2], data) == pytest.approx(expected_neyshabur, rel=1e-12)
+    # ||W^T||_{2,1} / ||W||_2: 3 / 2 and 5 / 5
+    expected_bartlett = scale * 10 * ((3 / 2) ** (2 / 3) + 1) ** 1.5
+    assert bartlett_bound([W1, W2], data) == pytest.approx(expected_bartlett, rel=1e-12)
+
+
+def test_ranks_and_kappa_match_the_metrics_and_a_single_layer() -> None:
+    torch.manual_seed(0)
+    low = torch.randn(6, 2, dtype=torch.float64) @ torch.randn(2, 5, dtype=torch.float64)
+    weights = [torch.randn(5, 4, dtype=torch.float64), low, torch.randn(3, 6, dtype=torch.float64)]
+    data = torch.randn(7, 4, dtype=torch.float64)
+    _, rows = rank_aware_bound(weights, data, rank_rtol=1e-6)
+    assert [row.rank for row in rows] == [numerical_rank(W, 1e-6) for W in weights] == [4, 2, 3]
+    _, (row,) = rank_aware_bound([torch.ones(1, 4, dtype=torch.float64)], data)
+    assert isinstance(row.kappa, float) and row.kappa == 1.0  # the empty product
+    assert row.to_dict()["width"] == 1 and list(row.to_dict())[:3] == ["layer", "shape", "width"]
+    # a single layer of width 1: ln(L h) = 0
+    assert neyshabur_bound([torch.ones(1, 4, dtype=torch.float64)], data) == 0.0
+
+
 def test_generalisation_gap_bound_by_hand() -> None:
     value = generalisation_gap_bound(0.5, m=100, delta=0.1, loss_lipschitz=2.0)
     assert value == pytest.approx(math.sqrt(2 * math.pi) * 0.5 + math.sqrt(9 * math.log(20) / 200))
@@ -124,6 +170,8 @@ def test_biases_are_folded_by_input_augmentation() -> None:
     assert result.rank_aware == pytest.approx(rank_aware_bound(_weights(), X)[0])
     assert result.gap == pytest.approx(generalisation_gap_bound(result.rank_aware, 4, 0.1))
     assert (result.m, result.max_input_norm) == (4, pytest.approx(2.0))
+    assert list(result.totals) == list(BOUND_NAMES)
+    assert result.totals["bartlett"] == pytest.approx(bartlett_bound(_weights(), X), rel=1e-12)
 
 
 def test_inconsistent_shapes_get_clear_errors() -> None:
@@ -151,18 +199,49 @@ def test_bounds_command_on_tiny_train_and_dufm_runs(tmp_path, capsys) -> None:
     cli_main(["bounds", "--run", str(dufm_dir / "network.pt"), "--rank-rtol", "0.01"])
     printed = capsys.readouterr().out
     assert "network-learned-seed0" in printed and "rank_aware" in printed
-    for out, name, widths, m, biases in (
-        (train_dir, "network-learned-seed0", [9, 10], 200, "augmented inputs (x, 1)"),
-        (dufm_dir, "network", [6, 6, 4], 4, "none"),
+    for out, stem, name, widths, m, biases in (
+        (train_dir, "bounds", "network-learned-seed0", [9, 10], 200, "augmented inputs (x, 1)"),
+        (dufm_dir, "bounds-network", "network", [6, 6, 4], 4, "none"),  # --run FILE
     ):
-        for file in ("bounds.csv", "bounds_layers.csv", "bounds.png"):
+        for file in (f"{stem}.csv", f"{stem}_layers.csv", f"{stem}.png"):
             assert (out / file).stat().st_size > 0
-        (network,) = json.loads((out / "bounds.json").read_text())["networks"]
+        (network,) = json.loads((out / f"{stem}.json").read_text())["networks"]
         assert network["network"] == name and network["m"] == m
         assert network["settings"]["biases"] == biases
         assert [layer["width"] for layer in network["layers"]] == widths
         terms = sum(layer["term"] for layer in network["layers"])
         assert network["rank_aware"] == pytest.approx(terms) and terms > 0
         assert network["gap"] > network["rank_aware"]
-    meta = json.loads((dufm_dir / "bounds.json").read_text())["networks"][0]["meta"]
+    meta = json.loads((dufm_dir / "bounds-network.json").read_text())["networks"][0]["meta"]
     assert meta["source"] == "dufm run" and meta["config"]["width"] == 6
+
+
+def test_bounds_of_one_file_do_not_overwrite_the_directory_summary(tmp_path, monkeypatch) -> None:
+    data = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    for seed in (0, 1):
+        weights = [torch.eye(2) * (seed + 1), torch.tensor([[1.0, -1.0]])]
+        stack = LayerStack(weights, [None, None], data, meta={"seed": seed})
+        save_layer_stack(stack, tmp_path / f"network-seed{seed}.pt")
+    labels: list[str] = []
+    savefig = bounds_cli.Figure.savefig
+
+    def recording_savefig(fig, path, **kwargs):
+        labels.append(fig.axes[0].get_ylabel())
+        savefig(fig, path, **kwargs)
+
+    monkeypatch.setattr(bounds_cli.Figure, "savefig", recording_savefig)
+    cli_main(["bounds", "--run", str(tmp_path)])
+    summary = (tmp_path / "bounds.json").read_text()
+    assert len(json.loads(summary)["networks"]) == 2
+    cli_main(["bounds", "--run", str(tmp_path / "network-seed1.pt"), "--c1", "2", "--c2", "3"])
+    assert (tmp_path / "bounds.json").read_text() == summary
+    (network,) = json.loads((tmp_path / "bounds-network-seed1.json").read_text())["networks"]
+    assert network["network"] == "network-seed1" and network["settings"]["c1"] == 2.0
+    csv_lines = (tmp_path / "bounds-network-seed1.csv").read_text().splitlines()
+    layer_lines = (tmp_path / "bounds-network-seed1_layers.csv").read_text().splitlines()
+    assert (len(csv_lines), len(layer_lines)) == (2, 3)  # header + 1 network, header + 2 layers
+    assert (tmp_path / "bounds-network-seed1.png").stat().st_size > 0
+    assert labels == [
+        "bound (C1 = 1, C2 = 1, no log factors)",
+        "bound (C1 = 2, C2 = 3, no log factors)",
+    ]
