@@ -98,7 +98,9 @@ class LayerStack:
             biases.append(b)
         inputs = _float64("inputs", self.inputs)
         if inputs.ndim != 2 or inputs.shape[0] == 0:
-            raise ValueError(f"inputs must be a non-empty matrix [m, in_1], got {inputs.shape}")
+            raise ValueError(
+                f"inputs must be a non-empty matrix [m, in_1], got {tuple(inputs.shape)}"
+            )
         if inputs.shape[1] != weights[0].shape[1]:
             raise ValueError(
                 f"inputs have width {inputs.shape[1]} but weights[0] expects in_1 = "

@@ -85,6 +85,8 @@ def test_inconsistent_shapes_get_clear_errors() -> None:
         LayerStack([W1, W2], [None], X)
     with pytest.raises(ValueError, match=r"biases\[0\] must have shape \(3,\)"):
         LayerStack([W1, W2], [torch.zeros(4), None], X)
+    with pytest.raises(ValueError, match=r"non-empty matrix \[m, in_1\], got \(4,\)$"):
+        LayerStack([W1, W2], [None, None], torch.randn(4))
     with pytest.raises(ValueError, match="inputs have width 5"):
         LayerStack([W1, W2], [None, None], torch.randn(5, 5))
     with pytest.raises(ValueError, match="labels must have shape"):
