@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 from collections.abc import Sequence
@@ -12,7 +11,13 @@ from pathlib import Path
 from torch import Tensor
 
 from nearest_etf._io import write_csv
-from nearest_etf.dufm.analysis import DEFAULT_RANK_RTOL, analyse_layers, hidden_ranks, is_dnc
+from nearest_etf.dufm.analysis import (
+    DEFAULT_RANK_RTOL,
+    LayerStats,
+    analyse_layers,
+    hidden_ranks,
+    is_dnc,
+)
 from nearest_etf.dufm.model import DUFMProblem
 from nearest_etf.dufm.reference import ReferenceLosses, reference_losses
 from nearest_etf.dufm.train import TrainConfig, TrainResult, train_dufm
@@ -58,7 +63,14 @@ def summarise(
     runs decaying to the trivial zero solution).
     """
     problem = result.config.problem()
-    stats = analyse_layers(problem, result.params, rank_rtol)
+    return _summary(result, refs, rank_rtol, analyse_layers(problem, result.params, rank_rtol))
+
+
+def _summary(
+    result: TrainResult, refs: ReferenceLosses, rank_rtol: float, stats: Sequence[LayerStats]
+) -> dict:
+    """`summarise` with the `analyse_layers` result at `rank_rtol` already computed."""
+    problem = result.config.problem()
     ranks = hidden_ranks(stats)
     inner = [ranks[f"H{layer}"] for layer in range(1, problem.layers)]
     final = result.final
@@ -108,15 +120,15 @@ def run_experiment(
     problem = config.problem()
     refs = cached_reference_losses(problem)
     stats = analyse_layers(problem, result.params, rank_rtol)
-    summary = summarise(result, refs, rank_rtol)
+    summary = _summary(result, refs, rank_rtol, stats)
     summary["srg_construction_loss"] = refs.srg_construction
     summary["srg_over_dnc"] = refs.srg_over_dnc
     summary["layers_analysis"] = [s.to_dict() for s in stats]
-    with open(out / "loss_curve.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "fit", "reg", "loss"])
-        for step, fit, reg in zip(result.steps, result.fit, result.reg, strict=True):
-            writer.writerow([step, fit, reg, fit + reg])
+    curve = [
+        {"step": step, "fit": fit, "reg": reg, "loss": fit + reg}
+        for step, fit, reg in zip(result.steps, result.fit, result.reg, strict=True)
+    ]
+    write_csv(curve, out / "loss_curve.csv")
     layer_rows = [
         {k: v for k, v in s.to_dict().items() if k != "singular_values"}
         | {"singular_values": " ".join(f"{v:.6g}" for v in s.singular_values)}
