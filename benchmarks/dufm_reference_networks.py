@@ -30,15 +30,22 @@ def main() -> None:
     parser.add_argument("--wd", type=float, default=0.004, help="every lambda")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    problem = DUFMProblem(args.layers, args.classes, args.width, 1, args.wd, args.wd)
+    problem = DUFMProblem(
+        layers=args.layers,
+        classes=args.classes,
+        width=args.width,
+        per_class=1,
+        lambda_h=args.wd,
+        lambda_w=args.wd,
+    )
     dnc = dnc_point(problem)
     dnc_loss = problem.loss_parts(dnc).total
     points = {"dnc": dnc, "srg": optimise_locally(problem, srg_point(problem))}
     for name, params in points.items():
         loss = problem.loss_parts(params).total
         meta = {"source": f"dufm reference {name}", "found_dnc": name == "dnc"}
-        meta |= {"loss": loss, "loss_over_dnc": loss / dnc_loss, "config": vars(args) | {}}
-        meta["config"]["out"] = str(args.out)
+        config = {**vars(args), "out": str(args.out)}
+        meta |= {"loss": loss, "loss_over_dnc": loss / dnc_loss, "config": config}
         path = save_layer_stack(
             layer_stack_of_dufm(problem, params, meta), args.out / name / "network.pt"
         )
