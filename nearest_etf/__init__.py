@@ -9,6 +9,7 @@ format and generalisation bounds likewise. The experiments live in their modules
 """
 
 from nearest_etf.bounds import (
+    BOUND_NAMES,
     BoundsResult,
     LayerBound,
     bartlett_bound,
@@ -51,6 +52,7 @@ from nearest_etf.metrics import (
     nearest_etf_distance,
     numerical_rank,
     orthogonal_frame_distance,
+    rank_of_singular_values,
     self_duality,
     singular_values,
 )
@@ -70,6 +72,7 @@ __all__ = [
     "AVERAGES",
     "BACKWARDS",
     "BACKWARD_MODES",
+    "BOUND_NAMES",
     "ETF_MODES",
     "HEADS",
     "LOSSES",
@@ -131,6 +134,7 @@ __all__ = [
     "procrustes_target",
     "random_stiefel",
     "rank_aware_bound",
+    "rank_of_singular_values",
     "save_layer_stack",
     "self_duality",
     "simplex_etf",

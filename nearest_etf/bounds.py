@@ -72,7 +72,7 @@ import torch
 from torch import Tensor
 
 from nearest_etf.layer_stack import LayerStack
-from nearest_etf.metrics import singular_values
+from nearest_etf.metrics import rank_of_singular_values, singular_values
 
 __all__ = [
     "BOUND_NAMES",
@@ -224,15 +224,6 @@ def _prepare(weights: Sequence[Tensor], X: Tensor) -> tuple[list[_Matrix], _Data
     return matrices, _Data(*_data_stats(X))
 
 
-def _rank(s: Tensor, rtol: float) -> int:
-    """`nearest_etf.metrics.numerical_rank` from the singular values s (decreasing) of W."""
-    if not rtol > 0:
-        raise ValueError(f"rtol must be positive, got {rtol}")
-    if float(s[0]) == 0.0:  # W = 0 (the checks exclude empty matrices)
-        return 0
-    return int((s > rtol * s[0]).sum())
-
-
 def _rank_aware(
     mats: list[_Matrix], data: _Data, rank_rtol: float, c1: float, c2: float
 ) -> tuple[float, list[LayerBound]]:
@@ -240,7 +231,7 @@ def _rank_aware(
         raise ValueError(f"c1 and c2 must be positive, got {c1=}, {c2=}")
     L = len(mats)
     spectral = [W.spectral for W in mats]
-    ranks = [_rank(W.singular_values, rank_rtol) for W in mats]
+    ranks = [rank_of_singular_values(W.singular_values, rank_rtol) for W in mats]
     rows: list[LayerBound] = []
     for i, W in enumerate(mats):  # i = layer - 1
         width = W.shape[0]

@@ -50,6 +50,7 @@ __all__ = [
     "nearest_etf_distance",
     "numerical_rank",
     "orthogonal_frame_distance",
+    "rank_of_singular_values",
     "self_duality",
     "singular_values",
 ]
@@ -112,9 +113,13 @@ def singular_values(M: Tensor) -> Tensor:
 
 def numerical_rank(M: Tensor, rtol: float = 1e-3) -> int:
     """#{i : s_i > rtol * s_max} for the singular values s of M[m, n] (0 for M = 0)."""
+    return rank_of_singular_values(singular_values(M), rtol)
+
+
+def rank_of_singular_values(s: Tensor, rtol: float = 1e-3) -> int:
+    """#{i : s_i > rtol * s_max} for singular values s[r] in decreasing order (0 if all zero)."""
     if not rtol > 0:
         raise ValueError(f"rtol must be positive, got {rtol}")
-    s = singular_values(M)
     if s.numel() == 0 or float(s[0]) == 0.0:
         return 0
     return int((s > rtol * s[0]).sum())

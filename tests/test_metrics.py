@@ -14,6 +14,7 @@ from nearest_etf.metrics import (
     nc1,
     numerical_rank,
     orthogonal_frame_distance,
+    rank_of_singular_values,
     singular_values,
 )
 
@@ -95,6 +96,7 @@ def test_spectral_metrics_match_numpy_scipy():
     for rtol in (1e-8, 1e-4, 1e-2, 0.5):
         expected = np.linalg.matrix_rank(A.numpy(), tol=rtol * float(s[0]))
         assert numerical_rank(A, rtol) == expected
+        assert rank_of_singular_values(s, rtol) == expected
     p = s.numpy() / s.numpy().sum()
     assert effective_rank(A) == pytest.approx(math.exp(scipy.stats.entropy(p)), rel=1e-12)
 
@@ -103,6 +105,7 @@ def test_effective_rank_of_identity_and_rank_one():
     assert effective_rank(torch.eye(7, dtype=F64)) == pytest.approx(7.0)
     assert effective_rank(torch.ones(4, 3, dtype=F64)) == pytest.approx(1.0)
     assert numerical_rank(torch.zeros(3, 3)) == 0
+    assert rank_of_singular_values(torch.zeros(0)) == 0
 
 
 def test_bad_inputs_raise():
