@@ -4,17 +4,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from nearest_etf.data import DataSplits, make_loader
 from nearest_etf.layer_stack import layer_stack_of, save_layer_stack
 
-__all__ = ["EVAL_BATCH_SIZE", "eval_loaders", "evaluate", "save_network", "train_epoch"]
+__all__ = [
+    "EVAL_BATCH_SIZE",
+    "eval_loaders",
+    "evaluate",
+    "save_network",
+    "step_bar",
+    "train_epoch",
+]
 
 EVAL_BATCH_SIZE = 1024
 
@@ -77,10 +87,25 @@ def eval_loaders(data: DataSplits) -> tuple[DataLoader, DataLoader]:
     )
 
 
+def step_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    """The tqdm bar over the optimiser steps of one run."""
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, mininterval=0.5)
+
+
 def save_network(
-    model: nn.Module, data: DataSplits, meta: Mapping[str, object], path: Path
+    model: nn.Module,
+    data: DataSplits,
+    path: Path,
+    source: str,
+    config: Any,
+    final_row: Mapping[str, object],
+    name_key: str,
 ) -> None:
     """Write `model` (its eval-mode function) with the training inputs of `data` as a LayerStack
-    file at `path`; the model is moved to the CPU (this ends its run)."""
-    stack = layer_stack_of(model.cpu(), data.x_train, data.y_train, dict(meta))
+    file at `path`, with meta {"source", "config": asdict(config)} and the final row's name_key,
+    seed, epoch and accuracies; the model is moved to the CPU (this ends its run)."""
+    meta: dict[str, object] = {"source": source, "config": asdict(config)}
+    keys = (name_key, "seed", "epoch", "train_accuracy", "test_accuracy")
+    meta |= {k: final_row[k] for k in keys}
+    stack = layer_stack_of(model.cpu(), data.x_train, data.y_train, meta)
     save_layer_stack(stack, path)

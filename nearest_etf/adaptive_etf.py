@@ -35,14 +35,13 @@ import argparse
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import nn
-from tqdm.auto import tqdm
 
 from nearest_etf._cli import (
     TrainingOptions,
@@ -60,7 +59,7 @@ from nearest_etf._io import (
     plot_mean_curves,
     write_metrics_and_summary,
 )
-from nearest_etf._training import eval_loaders, evaluate, save_network, train_epoch
+from nearest_etf._training import eval_loaders, evaluate, save_network, step_bar, train_epoch
 from nearest_etf.data import DataSplits, load_dataset, make_loader
 from nearest_etf.etf_layers import (
     convert_to_etf,
@@ -201,13 +200,7 @@ def _run(
     eval_train, eval_test = eval_loaders(data)
     x_probe, y_probe = data.x_train[: config.probe_samples], data.y_train[: config.probe_samples]
     loss_fn = nn.CrossEntropyLoss()
-    bar = tqdm(
-        total=config.epochs * len(loader),
-        desc=f"{method} seed {seed}",
-        unit="step",
-        disable=not config.progress,
-        mininterval=0.5,
-    )
+    bar = step_bar(config.epochs * len(loader), f"{method} seed {seed}", config.progress)
     rows: list[dict[str, object]] = []
     start = time.perf_counter()
     frozen_from = frozen_epoch = pending = None
@@ -238,10 +231,8 @@ def _run(
         bar.set_postfix(test_acc=f"{row['test_accuracy']:.1f}", frozen=row["frozen_from"])
     bar.close()
     if out_dir is not None and config.save_networks:
-        meta = {"source": "adaptive-etf", "config": asdict(config)}
-        keys = ("method", "seed", "epoch", "train_accuracy", "test_accuracy")
-        meta |= {k: rows[-1][k] for k in keys}
-        save_network(model, data, meta, out_dir / f"network-{method}-seed{seed}.pt")
+        path = out_dir / f"network-{method}-seed{seed}.pt"
+        save_network(model, data, path, "adaptive-etf", config, rows[-1], "method")
     return rows
 
 

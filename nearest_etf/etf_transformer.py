@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from nearest_etf._cli import (
     TrainingOptions,
@@ -44,7 +43,7 @@ from nearest_etf._io import (
     plot_mean_curves,
     write_metrics_and_summary,
 )
-from nearest_etf._training import eval_loaders, evaluate, train_epoch
+from nearest_etf._training import eval_loaders, evaluate, step_bar, train_epoch
 from nearest_etf.data import DataSplits, load_dataset, make_loader
 from nearest_etf.etf_layers import convert_to_etf, trainable_parameters
 
@@ -152,13 +151,7 @@ def _run(
     eval_train, eval_test = eval_loaders(data)
     total_params = sum(p.numel() for p in model.parameters())
     loss_fn = nn.CrossEntropyLoss()
-    bar = tqdm(
-        total=config.epochs * len(loader),
-        desc=f"{variant} seed {seed}",
-        unit="step",
-        disable=not config.progress,
-        mininterval=0.5,
-    )
+    bar = step_bar(config.epochs * len(loader), f"{variant} seed {seed}", config.progress)
     rows: list[dict[str, object]] = []
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):

@@ -26,7 +26,6 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from nearest_etf._cli import (
     DATASET_HELP,
@@ -39,7 +38,7 @@ from nearest_etf._cli import (
     positive_int,
 )
 from nearest_etf._io import write_csv
-from nearest_etf._training import eval_loaders, evaluate, save_network, train_epoch
+from nearest_etf._training import eval_loaders, evaluate, save_network, step_bar, train_epoch
 from nearest_etf.data import DataSplits, load_dataset, make_loader
 from nearest_etf.heads import HEADS, make_head
 from nearest_etf.losses import LOSSES, loss_function
@@ -140,13 +139,7 @@ def train_run(
     )
     eval_train, eval_test = eval_loaders(data)
     rows: list[dict[str, object]] = []
-    bar = tqdm(
-        total=config.epochs * len(train_loader),
-        desc=f"{head_name} seed {seed}",
-        unit="step",
-        disable=not config.progress,
-        mininterval=0.5,
-    )
+    bar = step_bar(config.epochs * len(train_loader), f"{head_name} seed {seed}", config.progress)
     for epoch in range(1, config.epochs + 1):
         step_loss = train_epoch(
             model, train_loader, optimizer, loss_fn, bar.update, targets_to_model=True
@@ -177,10 +170,8 @@ def train_run(
         and config.model == "mlp"
         and config.temperature is None
     ):
-        meta = {"source": "train", "config": asdict(config)}
-        keys = ("head", "seed", "epoch", "train_accuracy", "test_accuracy")
-        meta |= {k: rows[-1][k] for k in keys}
-        save_network(model, data, meta, network_dir / f"network-{head_name}-seed{seed}.pt")
+        path = network_dir / f"network-{head_name}-seed{seed}.pt"
+        save_network(model, data, path, "train", config, rows[-1], "head")
     return rows
 
 
