@@ -103,12 +103,14 @@ def check_batch(
         raise ValueError(
             f"targets must have shape [N] = [{features.shape[0]}], got {tuple(labels.shape)}"
         )
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)]
-        raise ValueError(
-            f"targets must lie in [0, {num_classes}) for num_classes={num_classes}; "
-            f"got {bad[:5].tolist()}"
-        )
+    if labels.numel():
+        low, high = labels.aminmax()
+        if not bool((low >= 0) & (high < num_classes)):  # one host sync
+            bad = labels[(labels < 0) | (labels >= num_classes)]
+            raise ValueError(
+                f"targets must lie in [0, {num_classes}) for num_classes={num_classes}; "
+                f"got {bad[:5].tolist()}"
+            )
     return features, labels.to(device=features.device, dtype=torch.long)
 
 
@@ -183,7 +185,10 @@ class ClassMeanTracker(nn.Module):
         sums, counts = class_sums(features, labels, K)
         stats = distributed_sum(torch.cat([sums, counts.unsqueeze(1)], dim=1))
         sums, counts = stats[:, :-1], stats[:, -1]
-        global_mean = sums.sum(0) / counts.sum()
+        total = counts.sum()
+        if not bool(total > 0):
+            raise ValueError("empty training batch (no samples on any rank)")
+        global_mean = sums.sum(0) / total
         present = counts > 0
         batch_means = sums / counts.clamp_min(1).unsqueeze(1) - global_mean
         appearances = self.appearances + present.long()
@@ -215,8 +220,3 @@ class ClassMeanTracker(nn.Module):
         update = self.compute(features, labels)
         self.commit(update)
         return update.normalised
-
-    def normalised_means(self) -> Tensor:
-        """Hbar / ||Hbar||_F of the current buffers, [K, d] (zeros before the first update)."""
-        norm = torch.linalg.matrix_norm(self.means)
-        return self.means / norm if bool(norm > 0) else self.means.clone()

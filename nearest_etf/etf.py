@@ -40,11 +40,13 @@ def simplex_etf(
 
 
 def etf_classifier(U: Tensor) -> Tensor:
-    """The ETF classifier W = (U M_K)^T for U[..., d, K] in St(d, K). Returns [..., K, d]."""
+    """The ETF classifier W = (U M_K)^T = sqrt(K/(K-1)) (U - (U 1/K) 1^T)^T for U[..., d, K] in
+    St(d, K), computed in O(dK) (no K x K product). Returns [..., K, d]."""
     if U.ndim < 2:
         raise ValueError(f"U must have shape [..., d, K], got {tuple(U.shape)}")
-    M = simplex_etf(U.shape[-1], dtype=U.dtype, device=U.device)
-    return (U @ M).mT
+    K = U.shape[-1]
+    _check_num_classes(K)
+    return math.sqrt(K / (K - 1)) * (U - U.mean(dim=-1, keepdim=True)).mT
 
 
 def random_stiefel(

@@ -15,8 +15,6 @@ first rescaled to norm tau, h <- tau h / ||h||.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -92,16 +90,17 @@ class _Head(nn.Module):
         return self.scale_features(features), targets
 
     def classifier(self) -> tuple[Tensor, Tensor]:
-        """(W[K, d], b[K]) as used in eval mode (detached)."""
-        raise NotImplementedError
+        """(W[K, d], b[K]) as used in eval mode (detached copies of the buffers)."""
+        return self.weight.clone(), self.bias.clone()
 
 
 class LearnedHead(_Head):
     """z = h W^T + b with W[K, d] (and b[K] unless bias=False) trained by the optimiser,
     initialised like nn.Linear.
 
-    normalize_rows: in training mode each forward first rescales the rows of W to unit norm in
-    place (i.e. after every optimiser step), and eval mode uses row-normalised W.
+    normalize_rows: in training mode the first forward after W changed (an optimiser step, a
+    load) rescales the rows of W to unit norm in place, so graphs of earlier forwards stay valid
+    (gradient accumulation); eval mode uses row-normalised W.
     """
 
     bias: nn.Parameter | None
@@ -120,6 +119,7 @@ class LearnedHead(_Head):
         self.weight = linear.weight
         self.bias = linear.bias
         self.normalize_rows = normalize_rows
+        self._projected_version = -1  # weight._version right after the last row projection
 
     def _weight(self) -> Tensor:
         W = self.weight
@@ -127,9 +127,14 @@ class LearnedHead(_Head):
 
     def forward(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
         features, _ = self._inputs(features, targets)
-        if self.normalize_rows and self.training:
+        if (
+            self.normalize_rows
+            and self.training
+            and self.weight._version != self._projected_version
+        ):
             with torch.no_grad():
                 self.weight.copy_(F.normalize(self.weight, dim=1))
+            self._projected_version = self.weight._version
         return F.linear(features, self._weight(), self.bias)
 
     def classifier(self) -> tuple[Tensor, Tensor]:
@@ -138,17 +143,12 @@ class LearnedHead(_Head):
         return W, (W.new_zeros(self.num_classes) if b is None else b.detach())
 
 
-def _etf_rows(U: Tensor) -> Tensor:
-    """W = (U M_K)^T = sqrt(K/(K-1)) (U - (U 1/K) 1^T)^T for U[d, K]: `etf_classifier` in O(dK)
-    instead of a dense d x K x K product (2 GFLOP per step at d = 2048, K = 1000)."""
-    K = U.shape[-1]
-    return math.sqrt(K / (K - 1)) * (U - U.mean(dim=-1, keepdim=True)).mT
-
-
 def _batch_mean(features: Tensor) -> Tensor:
     """mu_G of the (all-ranks) batch, without gradient."""
     features = features.detach()
     total = distributed_sum(torch.cat([features.sum(0), features.new_full((1,), len(features))]))
+    if not bool(total[-1] > 0):
+        raise ValueError("empty training batch (no samples on any rank)")
     return total[:-1] / total[-1]
 
 
@@ -189,9 +189,6 @@ class FixedETFHead(_Head):
         with torch.no_grad():
             self.bias.copy_(bias)
         return F.linear(features, self.weight, bias)
-
-    def classifier(self) -> tuple[Tensor, Tensor]:
-        return self.weight.clone(), self.bias.clone()
 
 
 class ImplicitETFHead(_Head):
@@ -258,7 +255,7 @@ class ImplicitETFHead(_Head):
         U = self._solve(update.normalised.mT)
         if self.detach_frame:
             U = U.detach()
-        W = _etf_rows(U)
+        W = etf_classifier(U)
         bias = -W @ update.global_mean.detach()
         # Everything above is free of side effects; commit the step only now.
         self.tracker.commit(update)
@@ -281,9 +278,6 @@ class ImplicitETFHead(_Head):
         return nearest_etf(
             Hn, prox, delta=self.delta, solver=self.solver, backward=self.backward_mode
         )
-
-    def classifier(self) -> tuple[Tensor, Tensor]:
-        return self.weight.clone(), self.bias.clone()
 
 
 HEADS = {"learned": LearnedHead, "fixed": FixedETFHead, "implicit": ImplicitETFHead}

@@ -178,13 +178,17 @@ def _nc1_from_covariances(
     return torch.trace(sigma_w @ pinv) / num_classes
 
 
-def _check_classifier(weight: Tensor, num_features: int | None = None) -> None:
+def _check_classifier(
+    weight: Tensor, num_features: int | None = None, num_classes: int | None = None
+) -> None:
     if weight.ndim != 2 or weight.shape[0] < 2:
         raise ValueError(f"weight must have shape [K, d] with K >= 2, got {tuple(weight.shape)}")
     if num_features is not None and weight.shape[1] != num_features:
         raise ValueError(
             f"weight has width {weight.shape[1]} but the features have width {num_features}"
         )
+    if num_classes is not None and weight.shape[0] != num_classes:
+        raise ValueError(f"weight has {weight.shape[0]} rows but there are {num_classes} classes")
 
 
 def _centred(means: Tensor, global_mean: Tensor | None) -> Tensor:
@@ -201,7 +205,7 @@ def classifier_etf_distance(weight: Tensor) -> Tensor:
 def self_duality(weight: Tensor, means: Tensor, global_mean: Tensor | None = None) -> Tensor:
     """NC3 = || W/||W|| - Mbar/||Mbar|| ||_F^2 with W[K, d] and the centred means
     Mbar = means[K, d] - global_mean (default: mean of the means); in [0, 4]."""
-    _check_classifier(weight, means.shape[1])
+    _check_classifier(weight, means.shape[1], means.shape[0])
     centred = _centred(means, global_mean)
     return (
         (weight / torch.linalg.matrix_norm(weight) - centred / torch.linalg.matrix_norm(centred))
@@ -213,6 +217,8 @@ def self_duality(weight: Tensor, means: Tensor, global_mean: Tensor | None = Non
 def bias_collapse(weight: Tensor, bias: Tensor | None, global_mean: Tensor) -> Tensor:
     """|| W mu_G + b ||_2 (0 when the bias cancels the global mean), W[K, d], b[K], mu_G[d]."""
     _check_classifier(weight, global_mean.shape[-1])
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
     value = weight @ global_mean
     return torch.linalg.vector_norm(value if bias is None else value + bias)
 
@@ -366,7 +372,7 @@ def collapse_metrics(
         stats.update(features, labels)
     if stats is None:
         raise ValueError("collapse_metrics got no batches")
-    _check_classifier(weight, stats.num_features)
+    _check_classifier(weight, stats.num_features, num_classes)
     means, global_mean = stats.means()
     sigma_w, sigma_b = stats.covariances()
     W = weight.detach().to(device="cpu", dtype=torch.float64)

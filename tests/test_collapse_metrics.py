@@ -58,6 +58,10 @@ def test_hand_computed_values():
     eye = torch.eye(2, dtype=F64)
     mu = torch.tensor([1.0, 2.0], dtype=F64)
     assert float(bias_collapse(eye, torch.tensor([-1.0, 0.0], dtype=F64), mu)) == 2.0
+    with pytest.raises(ValueError, match="bias must have shape"):
+        bias_collapse(eye, torch.zeros(3, dtype=F64), mu)
+    with pytest.raises(ValueError, match="3 rows but there are 4 classes"):
+        self_duality(W, torch.zeros(4, 5, dtype=F64))
     assert float(bias_collapse(eye, None, mu)) == pytest.approx(math.sqrt(5))
     # row norms 1 and 3: std 1, mean 2.
     rows = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=F64)

@@ -69,7 +69,10 @@ def test_fixed_head_is_the_simplex_etf_and_frozen():
     logits = head(x)
     torch.testing.assert_close(logits, (x - x.mean(0)) @ head.weight.T)
     torch.testing.assert_close(head.bias, -head.weight @ x.detach().mean(0))
-    (logits * torch.randn_like(logits)).sum().backward()  # bias carries no gradient: W^T G only
+    G = torch.randn_like(logits)
+    (logits * G).sum().backward()
+    # b = -W mu_G carries no gradient: dL/dx = G W only (with it, G W - mean(G) W per row)
+    torch.testing.assert_close(x.grad, G @ head.weight)
 
 
 def test_learned_head_row_normalisation():
@@ -83,6 +86,14 @@ def test_learned_head_row_normalisation():
     assert not torch.allclose(head.weight.norm(dim=1), torch.ones(K))  # eval does not mutate
     head.train()
     head(x)
+    torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(K))
+    # gradient accumulation: a second forward before the backward must not break the first graph
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
+    first, second = head(x), head(2 * x)
+    (first.square().sum() + second.square().sum()).backward()
+    optimizer.step()
+    assert not torch.allclose(head.weight.norm(dim=1), torch.ones(K))
+    head(x)  # the first forward after the step projects again
     torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(K))
 
 
@@ -178,6 +189,8 @@ def test_bad_input_is_rejected_with_state_unchanged(index):
     ]
     if isinstance(head, ImplicitETFHead):
         bad.append(((x,), ValueError, "needs targets"))
+    if not isinstance(head, LearnedHead):  # mu_G of an empty batch would be 0/0
+        bad.append(((x[:0], y[:0]), ValueError, "empty training batch"))
     for args, error, message in bad:
         with pytest.raises(error, match=message):
             head(*args)
