@@ -69,18 +69,6 @@ def conjugate_gradient(
     return w
 
 
-def _solve_symmetric(matrix: Tensor, rhs: Tensor) -> Tensor:
-    """LU solve, or the minimum-norm solution (Hermitian pseudo-inverse) when the matrix is
-    singular, e.g. a minimiser that is not isolated."""
-    solution, info = torch.linalg.solve_ex(matrix, rhs)
-    residual = torch.linalg.vector_norm(matrix @ solution - rhs)
-    scale = torch.linalg.matrix_norm(matrix, ord=1) * torch.linalg.vector_norm(solution)
-    tol = 1e3 * torch.finfo(matrix.dtype).eps * (scale + torch.linalg.vector_norm(rhs))
-    if int(info) == 0 and bool(torch.isfinite(solution).all()) and bool(residual <= tol):
-        return solution
-    return torch.linalg.pinv(matrix, hermitian=True) @ rhs
-
-
 def _kkt_tangent_solve(
     geometry: ConstraintGeometry, f_y: Callable[[Tensor], Tensor], y: Tensor, v: Tensor
 ) -> Tensor:
@@ -111,7 +99,10 @@ def _kkt_tangent_solve(
         [torch.cat([H_L, A.mT], dim=1), torch.cat([A, A.new_zeros(m, m)], dim=1)], dim=0
     )
     rhs = torch.cat([v.reshape(-1), v.new_zeros(m)])
-    return _solve_symmetric(kkt, rhs)[:n].reshape(y.shape)
+    # The minimum-norm solution (Hermitian pseudo-inverse): the system is singular where the
+    # minimiser is not isolated (e.g. the free direction of a feasibility solve), and an LU solve
+    # there can return a huge vector whose residual still looks small.
+    return (torch.linalg.pinv(kkt, hermitian=True) @ rhs)[:n].reshape(y.shape)
 
 
 def _cg_tangent_solve(

@@ -40,7 +40,8 @@ def _stiefel_curvature(U: Tensor, egrad: Tensor, xi: Tensor) -> Tensor:
 def _stiefel_constraints(U: Tensor) -> Tensor:
     K = U.shape[-1]
     rows, cols = torch.triu_indices(K, K, device=U.device)
-    return (U.mT @ U - torch.eye(K, dtype=U.dtype, device=U.device))[rows, cols]
+    # the upper triangle of U^T U - I of every point of a batch [..., d, K], flattened
+    return (U.mT @ U - torch.eye(K, dtype=U.dtype, device=U.device))[..., rows, cols].reshape(-1)
 
 
 def _sphere_project(y: Tensor, z: Tensor) -> Tensor:

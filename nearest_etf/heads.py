@@ -22,8 +22,7 @@ from torch import Tensor, nn
 from nearest_etf._validation import check_choice, check_nonnegative
 from nearest_etf.class_means import ClassMeanTracker, check_batch, distributed_sum
 from nearest_etf.etf import etf_classifier, random_stiefel
-from nearest_etf.nearest import BACKWARDS, SOLVERS, nearest_etf, procrustes_target
-from nearest_etf.polar import polar
+from nearest_etf.nearest import BACKWARDS, SOLVERS, solve_nearest_etf
 
 __all__ = ["HEADS", "FixedETFHead", "ImplicitETFHead", "LearnedHead", "make_head"]
 
@@ -267,17 +266,11 @@ class ImplicitETFHead(_Head):
         return F.linear(features, W, bias)
 
     def _solve(self, Hn: Tensor) -> Tensor:
-        """U = nearest_etf(Hn, U_prev) for the unit-norm centred means Hn[d, K]. In the common
-        case (a prox, the closed-form solver and backward) this is polar(A) with
-        A = (2/sqrt(K-1)) Hn C + delta U_prev, called directly: nearest_etf would only repeat
-        the input checks, the feature and prox checks having been done here."""
+        """U = nearest_etf(Hn, U_prev) for the unit-norm centred means Hn[d, K], through
+        `solve_nearest_etf`: the features were checked here and the prox is our own frame."""
         # a copy: the buffer is overwritten after the step, and a backward may need the prox
         prox = self.frame.to(Hn.dtype, copy=True) if int(self.num_steps) > 0 else None
-        if prox is not None and self.solver == "procrustes" and self.backward_mode == "analytic":
-            return polar(procrustes_target(Hn, prox, self.delta))
-        return nearest_etf(
-            Hn, prox, delta=self.delta, solver=self.solver, backward=self.backward_mode
-        )
+        return solve_nearest_etf(Hn, prox, self.delta, self.solver, self.backward_mode)
 
 
 HEADS = {"learned": LearnedHead, "fixed": FixedETFHead, "implicit": ImplicitETFHead}

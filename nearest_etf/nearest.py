@@ -31,7 +31,14 @@ from nearest_etf.declarative import DeclarativeNode, Inputs, Objective, Solver
 from nearest_etf.polar import polar
 from nearest_etf.solvers import RiemannianAdam, TrustRegions
 
-__all__ = ["BACKWARDS", "SOLVERS", "nearest_etf", "nearest_etf_objective", "procrustes_target"]
+__all__ = [
+    "BACKWARDS",
+    "SOLVERS",
+    "nearest_etf",
+    "nearest_etf_objective",
+    "procrustes_target",
+    "solve_nearest_etf",
+]
 
 SOLVERS = ("procrustes", "trust-regions", "riemannian-adam")
 BACKWARDS = ("analytic", "kkt", "cg")
@@ -116,7 +123,8 @@ def nearest_etf(
             norm inside the differentiable map). d >= K >= 2. Leading dims are a batch.
         prox: [..., d, K] the previous solution (orthonormal columns), or None for the first,
             delta = 0 "feasibility" solve.
-        delta: proximal weight (>= 0), used only with a prox.
+        delta: proximal weight (>= 0), used only with a prox; delta = 0 ignores the prox (the
+            objective does not depend on it) and gives the feasibility solve.
         solver: "procrustes" (closed form U* = polar(A), the default), "trust-regions" (pymanopt,
             30 iterations), "riemannian-adam" (geoopt, to a gradient tolerance), or a `Solver`
             instance such as `TrustRegions(max_iterations=100)`.
@@ -133,8 +141,18 @@ def nearest_etf(
     check_choice("backward", backward, BACKWARDS)
     if prox is not None:
         prox = check_stiefel("prox", prox, H.shape, H.dtype).to(H.device)
-    solve = _named_solver(solver, delta)
     Hn = H / torch.linalg.matrix_norm(H, keepdim=True)
+    return solve_nearest_etf(Hn, prox, delta, solver, backward)
+
+
+def solve_nearest_etf(
+    Hn: Tensor, prox: Tensor | None, delta: float, solver: str | Solver, backward: str
+) -> Tensor:
+    """`nearest_etf` without its input checks, for unit-norm Hn [..., d, K] and a checked prox
+    (callers that validated their inputs already, e.g. `ImplicitETFHead` at every step)."""
+    if delta == 0:
+        prox = None
+    solve = _named_solver(solver, delta)
     objective = partial(_objective, delta)
     manifold = geoopt.Stiefel(canonical=False)
 
@@ -143,7 +161,7 @@ def nearest_etf(
 
     if backward == "analytic":
         A = procrustes_target(Hn, prox, delta)
-        if solver == "procrustes":
+        if solver == "procrustes":  # a name: the closed form
             U = polar(A)
         else:
             with torch.no_grad():

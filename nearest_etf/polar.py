@@ -112,6 +112,6 @@ def polar(A: Tensor, Q: Tensor | None = None) -> Tensor:
     """Q = polar(A) = argmax_{Q^T Q = I} tr(Q^T A) for A[..., d, K], d >= K, differentiable
     with the closed-form backward. Pass `Q` (a maximiser found elsewhere) to differentiate at it
     instead of recomputing the SVD."""
-    if A.shape[-2] < A.shape[-1]:
-        raise ValueError(f"polar(A) needs d >= K for A[..., d, K], got {tuple(A.shape)}")
+    if A.ndim < 2 or A.shape[-2] < A.shape[-1]:
+        raise ValueError(f"polar(A) needs A[..., d, K] with d >= K, got {tuple(A.shape)}")
     return _Polar.apply(A, Q)

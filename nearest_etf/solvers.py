@@ -10,6 +10,7 @@ objective written in torch:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import geoopt
@@ -107,8 +108,8 @@ class TrustRegions(_IterativeSolver):
             min_gradient_norm=self.min_gradient_norm,
             verbosity=self.verbosity,
         )
-        with torch.enable_grad():
-            result = optimizer.run(problem, initial_point=y0.double().cpu().numpy())
+        # torch.func transforms differentiate regardless of an enclosing no_grad
+        result = optimizer.run(problem, initial_point=y0.double().cpu().numpy())
         return torch.as_tensor(result.point, dtype=y0.dtype, device=device)
 
 
@@ -116,7 +117,8 @@ class TrustRegions(_IterativeSolver):
 class RiemannianAdam(_IterativeSolver):
     """geoopt's RiemannianAdam (Becigneul & Ganea 2019) run to a gradient-norm tolerance.
 
-    Steps until ||grad_R f(y)|| <= gtol or `max_iterations`. Adam at a fixed step oscillates
+    Steps until ||grad_R f(y)|| <= gtol, or warns (RuntimeWarning) after `max_iterations` with
+    the gradient norm reached. Adam at a fixed step oscillates
     around a minimiser, so the learning rate is multiplied by `lr_factor` whenever the gradient
     norm has not improved for `patience` steps (torch's ReduceLROnPlateau).
     """
@@ -126,6 +128,12 @@ class RiemannianAdam(_IterativeSolver):
     patience: int = 20
     gtol: float = 1e-6
     max_iterations: int = 10000
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_iterations, bool) or not (
+            isinstance(self.max_iterations, int) and self.max_iterations >= 1
+        ):
+            raise ValueError(f"max_iterations must be an int >= 1, got {self.max_iterations!r}")
 
     def _run(
         self, objective: Objective, manifold: geoopt.Manifold, x: Inputs, y0: Tensor
@@ -144,4 +152,11 @@ class RiemannianAdam(_IterativeSolver):
                     break
                 optimizer.step()
                 schedule.step(grad_norm)
+            else:
+                warnings.warn(
+                    f"RiemannianAdam stopped at max_iterations={self.max_iterations} with "
+                    f"||grad|| = {grad_norm:.2e} > gtol = {self.gtol:g}",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         return y.detach().clone()
