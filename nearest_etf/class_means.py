@@ -95,23 +95,30 @@ def check_batch(
         )
     if labels is None:
         return features, None
+    labels = check_labels(labels, features.shape[0], num_classes)
+    return features, labels.to(device=features.device, dtype=torch.long)
+
+
+def check_labels(
+    labels: object, num_samples: int, num_classes: int, name: str = "targets"
+) -> Tensor:
+    """Check integer labels[num_samples] in [0, num_classes); raise TypeError/ValueError naming
+    the problem (as `name`)."""
     if not isinstance(labels, Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(labels).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor, got {labels.dtype}")
-    if labels.shape != features.shape[:1]:
-        raise ValueError(
-            f"targets must have shape [N] = [{features.shape[0]}], got {tuple(labels.shape)}"
-        )
+        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if labels.shape != (num_samples,):
+        raise ValueError(f"{name} must have shape [N] = [{num_samples}], got {tuple(labels.shape)}")
     if labels.numel():
         low, high = labels.aminmax()
         if not bool((low >= 0) & (high < num_classes)):  # one host sync
             bad = labels[(labels < 0) | (labels >= num_classes)]
             raise ValueError(
-                f"targets must lie in [0, {num_classes}) for num_classes={num_classes}; "
+                f"{name} must lie in [0, {num_classes}) for num_classes={num_classes}; "
                 f"got {bad[:5].tolist()}"
             )
-    return features, labels.to(device=features.device, dtype=torch.long)
+    return labels
 
 
 def class_sums(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

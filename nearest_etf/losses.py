@@ -13,20 +13,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nearest_etf.class_means import check_batch
+from nearest_etf._validation import check_choice
+from nearest_etf.class_means import check_labels
 
 __all__ = ["LOSSES", "dot_regression_loss", "loss_function", "mse_one_hot_loss"]
 
 
 def _check(logits: Tensor, targets: Tensor) -> Tensor:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.ndim != 2:
         raise ValueError(f"logits must have shape [N, K], got {tuple(logits.shape)}")
-    _, labels = check_batch(logits, targets, logits.shape[1], logits.shape[1])
-    assert labels is not None
-    return labels
+    labels = check_labels(targets, logits.shape[0], logits.shape[1])
+    return labels.to(device=logits.device, dtype=torch.long)
 
 
 def mse_one_hot_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -49,11 +52,12 @@ LOSSES = ("ce", "mse", "dr")
 
 def loss_function(name: str, scale: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
     """The loss named "ce" (cross-entropy), "mse" (MSE to one-hot) or "dr" (dot regression with
-    the given scale), as a callable (logits, targets) -> scalar."""
+    the given scale > 0), as a callable (logits, targets) -> scalar."""
+    check_choice("loss", name, LOSSES)
+    if name == "dr" and not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
     if name == "ce":
         return F.cross_entropy
     if name == "mse":
         return mse_one_hot_loss
-    if name == "dr":
-        return lambda logits, targets: dot_regression_loss(logits, targets, scale)
-    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(map(repr, LOSSES))}")
+    return lambda logits, targets: dot_regression_loss(logits, targets, scale)

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from nearest_etf.class_means import check_labels, class_sums
 from nearest_etf.etf import simplex_etf
 from nearest_etf.nearest import nearest_etf, nearest_etf_objective
 
@@ -59,16 +60,9 @@ __all__ = [
 def _check_features(features: Tensor, labels: Tensor, num_classes: int) -> None:
     if features.ndim != 2:
         raise ValueError(f"features must have shape [N, d], got {tuple(features.shape)}")
-    if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
-        raise ValueError(
-            f"labels must have shape [N]={features.shape[0]}, got {tuple(labels.shape)}"
-        )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes - 1}]")
+    check_labels(labels, features.shape[0], num_classes, name="labels")
 
 
 def class_means(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -78,14 +72,11 @@ def class_means(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Ten
     (every class must occur) and global_mean = mean of all N rows.
     """
     _check_features(features, labels, num_classes)
-    counts = torch.bincount(labels, minlength=num_classes)
+    sums, counts = class_sums(features, labels, num_classes)
     if bool((counts == 0).any()):
         missing = torch.nonzero(counts == 0).flatten().tolist()
         raise ValueError(f"classes {missing} have no samples")
-    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device)
-    sums.index_add_(0, labels, features)
-    means = sums / counts.to(features.dtype).unsqueeze(1)
-    return means, features.mean(dim=0)
+    return sums / counts.unsqueeze(1), features.mean(dim=0)
 
 
 def nc1(features: Tensor, labels: Tensor, num_classes: int, rtol: float | None = None) -> Tensor:
@@ -93,15 +84,22 @@ def nc1(features: Tensor, labels: Tensor, num_classes: int, rtol: float | None =
 
     ``rtol`` is the pseudo-inverse cut-off relative to the largest eigenvalue of Sigma_B
     (None: torch's default, eps * d). Computed in the span of the class means, without d x d
-    matrices: with the thin SVD B = P S Q^T of the centred means B[K, d], Sigma_B = B^T B / K,
-    so tr(Sigma_W Sigma_B^+) = (K / N) ||(H - M_y) Q_r S_r^{-1}||_F^2 over the kept directions r.
+    matrices (`_between_whitening`): tr(Sigma_W Sigma_B^+) / K = (1/N) ||(H - M_y) P||_F^2.
     """
     means, global_mean = class_means(features, labels, num_classes)
-    _, s, Qt = torch.linalg.svd(means - global_mean, full_matrices=False)
-    cutoff = torch.finfo(s.dtype).eps * features.shape[1] if rtol is None else rtol
-    keep = s.square() > cutoff * s[0].square()
-    within = (features - means[labels]) @ (Qt[keep].mT / s[keep])
+    within = (features - means[labels]) @ _between_whitening(means - global_mean, rtol)
     return within.square().sum() / features.shape[0]
+
+
+def _between_whitening(centred_means: Tensor, rtol: float | None) -> Tensor:
+    """P = Q_r S_r^{-1} [d, r] from the thin SVD centred_means[K, d] = L S Q^T over the kept
+    directions s_i^2 > rtol s_1^2 (rtol None: eps * d, torch.linalg.pinv's default on
+    Sigma_B). With Sigma_B = B^T B / K for B = centred_means, Sigma_B^+ = K P P^T, so
+    tr(Sigma_W Sigma_B^+) / K = tr(P^T Sigma_W P)."""
+    _, s, Qt = torch.linalg.svd(centred_means, full_matrices=False)
+    cutoff = torch.finfo(s.dtype).eps * centred_means.shape[1] if rtol is None else rtol
+    keep = s.square() > cutoff * s[0].square()
+    return Qt[keep].mT / s[keep]
 
 
 def singular_values(M: Tensor) -> Tensor:
@@ -168,14 +166,6 @@ def orthogonal_frame_distance(means: Tensor) -> Tensor:
 
 # --- Classifier and collapse metrics (NC2 for W, NC3, bias collapse, NCC mismatch, margins),
 # --- and their streaming evaluation over a data loader.
-
-
-def _nc1_from_covariances(
-    sigma_w: Tensor, sigma_b: Tensor, num_classes: int, rtol: float | None
-) -> Tensor:
-    """tr(Sigma_W Sigma_B^+) / K."""
-    pinv = torch.linalg.pinv(sigma_b, rtol=rtol, hermitian=True)
-    return torch.trace(sigma_w @ pinv) / num_classes
 
 
 def _check_classifier(
@@ -325,8 +315,9 @@ class CollapseStatistics:
         y = labels.detach().cpu()
         if self.shift is None:
             self.shift = x.mean(dim=0)
-        self.counts += torch.bincount(y, minlength=self.num_classes).double()
-        self.sums.index_add_(0, y, x)
+        sums, counts = class_sums(x, y, self.num_classes)
+        self.counts += counts
+        self.sums += sums
         centred = x - self.shift
         self.scatter += centred.T @ centred
 
@@ -374,7 +365,8 @@ def collapse_metrics(
         raise ValueError("collapse_metrics got no batches")
     _check_classifier(weight, stats.num_features, num_classes)
     means, global_mean = stats.means()
-    sigma_w, sigma_b = stats.covariances()
+    sigma_w, _ = stats.covariances()
+    whitening = _between_whitening(means - global_mean, rtol)
     W = weight.detach().to(device="cpu", dtype=torch.float64)
     b = None if bias is None else bias.detach().to(device="cpu", dtype=torch.float64)
     correct = mismatched = margin = 0.0
@@ -390,7 +382,7 @@ def collapse_metrics(
     d = stats.num_features
     return {
         "accuracy": 100.0 * correct / total,
-        "nc1": float(_nc1_from_covariances(sigma_w, sigma_b, num_classes, rtol)),
+        "nc1": float(torch.trace(whitening.mT @ sigma_w @ whitening)),
         "nc2_means": float(etf_distance(means, global_mean)),
         "nc2_classifier": float(classifier_etf_distance(W)),
         "nc3": float(self_duality(W, means, global_mean)),

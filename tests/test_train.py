@@ -149,6 +149,10 @@ def test_losses_match_their_formulas():
         loss_function("hinge")
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         mse_one_hot_loss(z, torch.tensor([0, 3, 1, 1, 0]))
+    with pytest.raises(ValueError, match="scale must be positive"):
+        loss_function("dr", scale=0.0)  # at construction, not at the first step
+    with pytest.raises(ValueError, match=r"shape \[N\] = \[5\]"):
+        dot_regression_loss(z, y[:4])
 
 
 def test_resnet18_trains_end_to_end_on_images():
