@@ -21,7 +21,13 @@ from nearest_etf.bounds import (
 )
 from nearest_etf.class_means import AVERAGES, ClassMeanTracker
 from nearest_etf.declarative import BACKWARD_MODES, DeclarativeNode, Solver, conjugate_gradient
-from nearest_etf.etf import centering_matrix, etf_classifier, random_stiefel, simplex_etf
+from nearest_etf.etf import (
+    centering_matrix,
+    centre_columns,
+    etf_classifier,
+    random_stiefel,
+    simplex_etf,
+)
 from nearest_etf.etf_layers import (
     ETF_MODES,
     ETFLinear,
@@ -94,6 +100,7 @@ __all__ = [
     "bartlett_bound",
     "bias_collapse",
     "centering_matrix",
+    "centre_columns",
     "class_means",
     "classifier_etf_distance",
     "collapse_metrics",

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from nearest_etf._validation import SUPPORTED_DTYPES, check_choice
+from nearest_etf._validation import check_choice, check_float_tensor
 
 __all__ = [
     "AVERAGES",
@@ -76,16 +76,7 @@ def check_batch(
 ) -> tuple[Tensor, Tensor | None]:
     """Check features[N, num_features] (float32/64, finite) and, unless None, integer
     labels[N] in [0, num_classes); raise TypeError/ValueError naming the problem."""
-    if not isinstance(features, Tensor):
-        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    if features.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"features must be float32 or float64, got {features.dtype}")
-    # One reduction instead of an elementwise isfinite pass: a finite sum proves every entry
-    # finite (NaN/inf propagate); only when it is not, look closer (it may have overflowed).
-    if not bool(torch.isfinite(features.detach().sum())) and not bool(
-        torch.isfinite(features).all()
-    ):
-        raise ValueError("features have non-finite entries (NaN or inf)")
+    features = check_float_tensor("features", features)
     if features.ndim != 2:
         raise ValueError(f"features must have shape [N, d], got {tuple(features.shape)}")
     if features.shape[1] != num_features:

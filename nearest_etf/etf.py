@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["centering_matrix", "etf_classifier", "random_stiefel", "simplex_etf"]
+__all__ = ["centering_matrix", "centre_columns", "etf_classifier", "random_stiefel", "simplex_etf"]
 
 
 def _check_num_classes(K: int) -> None:
@@ -31,6 +31,12 @@ def centering_matrix(
     return eye - torch.full_like(eye, 1.0 / K)
 
 
+def centre_columns(X: Tensor) -> Tensor:
+    """X C = X - (X 1/K) 1^T for X[..., n, K]: each row minus its mean, in O(nK) (no K x K
+    product with the centring matrix C)."""
+    return X - X.mean(dim=-1, keepdim=True)
+
+
 def simplex_etf(
     K: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> Tensor:
@@ -46,7 +52,7 @@ def etf_classifier(U: Tensor) -> Tensor:
         raise ValueError(f"U must have shape [..., d, K], got {tuple(U.shape)}")
     K = U.shape[-1]
     _check_num_classes(K)
-    return math.sqrt(K / (K - 1)) * (U - U.mean(dim=-1, keepdim=True)).mT
+    return math.sqrt(K / (K - 1)) * centre_columns(U).mT
 
 
 def random_stiefel(

@@ -28,6 +28,7 @@ from nearest_etf._validation import (
     check_stiefel,
 )
 from nearest_etf.declarative import DeclarativeNode, Inputs, Objective, Solver
+from nearest_etf.etf import centre_columns
 from nearest_etf.polar import polar
 from nearest_etf.solvers import RiemannianAdam, TrustRegions
 
@@ -48,7 +49,7 @@ def procrustes_target(Hn: Tensor, prox: Tensor | None, delta: float) -> Tensor:
     """A = (2/sqrt(K-1)) Hn C + delta prox, so that the objective is const - tr(U^T A).
     Shapes [..., d, K]."""
     K = Hn.shape[-1]
-    A = (2 / math.sqrt(K - 1)) * (Hn - Hn.mean(dim=-1, keepdim=True))
+    A = (2 / math.sqrt(K - 1)) * centre_columns(Hn)
     return A if prox is None else A + delta * prox
 
 
@@ -58,8 +59,7 @@ def nearest_etf_objective(
     """||Hn - U M_K / sqrt(K)||^2 + (delta/2) ||U - prox||^2 (the prox term only with a prox),
     summed over leading batch dimensions. Hn, U, prox [..., d, K]."""
     K = U.shape[-1]
-    UC = U - U.mean(dim=-1, keepdim=True)  # U C without forming the K x K centring matrix
-    value = (Hn - UC / math.sqrt(K - 1)).square().sum()
+    value = (Hn - centre_columns(U) / math.sqrt(K - 1)).square().sum()
     return value if prox is None else value + delta / 2 * (U - prox).square().sum()
 
 
@@ -176,6 +176,5 @@ def solve_nearest_etf(
         U = _map_problems(lambda h, p: node(inputs(h, p), _start_point(h, p)), Hn, prox)
     if prox is None:
         # Only U C is determined: the free column direction U 1/sqrt(K) carries no gradient.
-        free = U.detach().mean(dim=-1, keepdim=True)
-        U = U - U.mean(dim=-1, keepdim=True) + free
+        U = centre_columns(U) + U.detach().mean(dim=-1, keepdim=True)
     return U

@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from nearest_etf import centering_matrix, etf_classifier, random_stiefel, simplex_etf
+from nearest_etf import (
+    centering_matrix,
+    centre_columns,
+    etf_classifier,
+    random_stiefel,
+    simplex_etf,
+)
 
 
 @pytest.mark.parametrize("K", [2, 3, 7, 50])
@@ -24,12 +30,15 @@ def test_centering_matrix_is_projector() -> None:
     C = centering_matrix(5, dtype=torch.float64)
     torch.testing.assert_close(C @ C, C)
     torch.testing.assert_close(C, C.T)
+    X = torch.randn(2, 7, 5, dtype=torch.float64)
+    torch.testing.assert_close(centre_columns(X), X @ C)
 
 
 def test_etf_classifier_is_rotated_etf() -> None:
     U = random_stiefel(9, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     W = etf_classifier(U)
     assert W.shape == (4, 9)
+    torch.testing.assert_close(W, (U @ simplex_etf(4, dtype=torch.float64)).T)  # the definition
     torch.testing.assert_close(
         W @ W.T, simplex_etf(4, dtype=torch.float64).T @ simplex_etf(4, dtype=torch.float64)
     )
