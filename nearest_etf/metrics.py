@@ -26,7 +26,7 @@ Formulas (math.md section 4):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -345,6 +345,7 @@ def collapse_metrics(
     bias: Tensor | None,
     num_classes: int,
     rtol: float | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
     """All collapse metrics of a data set, streamed in two passes over `batches`.
 
@@ -354,7 +355,8 @@ def collapse_metrics(
     pass 2 the accuracy, NCC mismatch and cosine margins. Returns floats: accuracy (%), nc1,
     nc2_means (`etf_distance`), nc2_classifier, nc3, bias_collapse, ncc_mismatch (%),
     equinorm_means, equinorm_classifier, cosine_margin, nearest_etf_distance (NaN if d < K),
-    effective_rank (of the centred means).
+    effective_rank (of the centred means); with `loss_fn(logits, labels)` (mean-reduced) also
+    loss, its mean over the samples.
     """
     stats: CollapseStatistics | None = None
     for features, _, labels in batches:
@@ -369,8 +371,10 @@ def collapse_metrics(
     whitening = _between_whitening(means - global_mean, rtol)
     W = weight.detach().to(device="cpu", dtype=torch.float64)
     b = None if bias is None else bias.detach().to(device="cpu", dtype=torch.float64)
-    correct = mismatched = margin = 0.0
+    correct = mismatched = margin = loss = 0.0
     for features, logits, labels in batches:
+        if loss_fn is not None:
+            loss += float(loss_fn(logits, labels.to(logits.device))) * len(labels)
         x = features.detach().to(device="cpu", dtype=torch.float64)
         y = labels.detach().cpu()
         predictions = logits.detach().argmax(dim=1).cpu()
@@ -395,4 +399,4 @@ def collapse_metrics(
             float(nearest_etf_distance(means, global_mean)) if d >= num_classes else float("nan")
         ),
         "effective_rank": effective_rank(centred),
-    }
+    } | ({} if loss_fn is None else {"loss": loss / total})

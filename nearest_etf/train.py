@@ -147,14 +147,14 @@ def train_run(
         schedule.step()
         model.eval()
         W, b = head.classifier()
-        metrics = collapse_metrics(_Outputs(model, eval_train, device), W, b, data.num_classes)
-        train_loss, _ = evaluate(model, eval_train, loss_fn)
+        outputs = _Outputs(model, eval_train, device)
+        metrics = collapse_metrics(outputs, W, b, data.num_classes, loss_fn=loss_fn)
         test_loss, test_accuracy = evaluate(model, eval_test, loss_fn)
         row: dict[str, object] = {
             "head": head_name,
             "seed": seed,
             "epoch": epoch,
-            "train_loss": train_loss,
+            "train_loss": metrics.pop("loss"),
             "train_step_loss": step_loss,
             "train_accuracy": metrics.pop("accuracy"),
             "test_loss": test_loss,

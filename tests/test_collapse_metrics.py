@@ -12,6 +12,7 @@ from nearest_etf.metrics import (
     classifier_etf_distance,
     collapse_metrics,
     cosine_margin,
+    effective_rank,
     equinorm,
     etf_distance,
     nc1,
@@ -152,6 +153,12 @@ def test_streaming_metrics_equal_in_memory_metrics():
     assert out["nearest_etf_distance"] == pytest.approx(
         float(nearest_etf_distance(means, mu)), rel=1e-6
     )
+    assert out["equinorm_classifier"] == pytest.approx(float(equinorm(W)), rel=1e-12)
+    assert out["effective_rank"] == pytest.approx(effective_rank(means - mu), rel=1e-9)
+    assert "loss" not in out
+    with_loss = collapse_metrics(batches, W, b, K, loss_fn=torch.nn.functional.cross_entropy)
+    expected = float(torch.nn.functional.cross_entropy(logits, labels))
+    assert with_loss["loss"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_streaming_covariance_is_exact_for_collapsed_classes():
