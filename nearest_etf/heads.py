@@ -2,7 +2,8 @@
 
 All heads map features h[N, d] to logits z[N, K] = h W^T + b and share the constructor shape
 ``(num_features, num_classes, ..., temperature=None)``; with a temperature tau the features are
-first rescaled to norm tau, h <- tau h / ||h||.
+first rescaled to norm tau, h <- tau h / ||h||. Heads hold float32 or float64 state; float16 /
+bfloat16 features (a backbone under torch.autocast) are cast up to the head's dtype.
 
 - `LearnedHead`: W, b trained (optionally with the rows of W renormalised to unit norm after
   every optimiser step).
@@ -27,6 +28,7 @@ from nearest_etf.nearest import BACKWARDS, SOLVERS, solve_nearest_etf
 __all__ = ["HEADS", "FixedETFHead", "ImplicitETFHead", "LearnedHead", "make_head"]
 
 ROTATIONS = ("identity", "random")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _check_sizes(num_features: int, num_classes: int, *, etf: bool) -> None:
@@ -81,9 +83,25 @@ class _Head(nn.Module):
             return features
         return self.temperature * F.normalize(features, dim=1)
 
+    def forward(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Logits z[N, K] for features h[N, d] (targets[N]: labels, needed by the implicit head
+        in training). Runs outside torch.autocast: the head computes in its own dtype."""
+        device_type = features.device.type if isinstance(features, Tensor) else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            features, targets = self._inputs(features, targets)
+            return self._logits(features, targets)
+
+    def _logits(self, features: Tensor, targets: Tensor | None) -> Tensor:
+        """The head's map on checked, scaled features."""
+        raise NotImplementedError
+
     def _inputs(self, features: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        features, targets = check_batch(features, targets, self.num_features, self.num_classes)
         dtype = self.weight.dtype
+        if isinstance(features, Tensor) and features.dtype in _LOW_PRECISION:
+            # e.g. a backbone under torch.autocast: the head computes in its own dtype (the
+            # class means, the SVD) and the gradient flows back in the features' dtype
+            features = features.to(dtype)
+        features, targets = check_batch(features, targets, self.num_features, self.num_classes)
         if features.dtype != dtype:
             raise TypeError(f"features are {features.dtype} but the head is {dtype}; use .to()")
         return self.scale_features(features), targets
@@ -124,8 +142,7 @@ class LearnedHead(_Head):
         W = self.weight
         return F.normalize(W, dim=1) if self.normalize_rows and not self.training else W
 
-    def forward(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
-        features, _ = self._inputs(features, targets)
+    def _logits(self, features: Tensor, targets: Tensor | None) -> Tensor:
         if (
             self.normalize_rows
             and self.training
@@ -180,8 +197,7 @@ class FixedETFHead(_Head):
         self.register_buffer("weight", etf_classifier(R))
         self.register_buffer("bias", torch.zeros(num_classes))
 
-    def forward(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
-        features, _ = self._inputs(features, targets)
+    def _logits(self, features: Tensor, targets: Tensor | None) -> Tensor:
         if not self.training:
             return F.linear(features, self.weight, self.bias)
         bias = -self.weight @ _batch_mean(features)
@@ -240,13 +256,12 @@ class ImplicitETFHead(_Head):
             f"solver={self.solver!r}, backward={self.backward_mode!r}"
         )
 
-    def forward(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
+    def _logits(self, features: Tensor, targets: Tensor | None) -> Tensor:
         if self.training and targets is None:
             raise ValueError(
                 "ImplicitETFHead needs targets in training mode (it tracks the class means); "
                 "call head.eval() for inference"
             )
-        features, targets = self._inputs(features, targets)
         if not self.training:
             return F.linear(features, self.weight, self.bias)
         assert targets is not None

@@ -1,5 +1,6 @@
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -52,6 +53,42 @@ def test_common_module_behaviour(index):
     assert torch.equal(fresh(x), head(x))
     # .to(dtype)
     assert head.to(torch.float32)(x.float()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_low_precision_features_are_cast_up(index: int, low: torch.dtype) -> None:
+    # As from a backbone under torch.autocast: the head computes in float32, the gradient
+    # returns in the features' dtype, and the result equals feeding the cast-up features.
+    x, y = _batch(dtype=torch.float32)
+    x_low = x.to(low).requires_grad_(True)
+    head = _heads(torch.float32)[index]
+    reference = copy.deepcopy(head)
+    logits = head(x_low, y)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference(x_low.detach().float(), y))
+    logits.sum().backward()
+    assert x_low.grad is not None and x_low.grad.dtype == low
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_heads_train_under_autocast(index: int) -> None:
+    # the backbone runs in bfloat16; the head (SVD, custom backward included) in float32
+    torch.manual_seed(0)
+    backbone = nn.Linear(8, D)
+    head = _heads(torch.float32)[index]
+    x, y = torch.randn(12, 8), torch.arange(12) % K
+    params = [*backbone.parameters(), *head.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = head(backbone(x), y)
+            loss = nn.functional.cross_entropy(logits, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert logits.dtype == torch.float32 and math.isfinite(loss.item())
+    assert backbone.weight.grad is not None and bool(torch.isfinite(backbone.weight.grad).all())
 
 
 def test_fixed_head_is_the_simplex_etf_and_frozen():
