@@ -161,7 +161,9 @@ def test_layer_probe_matches_direct_computation() -> None:
     model.eval()
     with torch.no_grad():
         hidden = model[0].layers[:4](x)
-    torch.testing.assert_close(outputs["0.layers.3"], hidden.double())
+    # float32 activations computed in batches of 7 vs all at once: float32 tolerances
+    assert outputs["0.layers.3"].dtype == torch.float64
+    torch.testing.assert_close(outputs["0.layers.3"].float(), hidden)
     stats = layer_collapse(model, ["0.layers.3"], x, y, 3)["0.layers.3"]
     # NCC accuracy by brute force over the class means.
     means = torch.stack([hidden[y == k].mean(0) for k in range(3)])
