@@ -16,7 +16,7 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m nearest_etf.cli ufm
+	$(PY) -m nearest_etf ufm
 
 test: $(STAMP)
 	$(PY) -m ruff check nearest_etf tests benchmarks

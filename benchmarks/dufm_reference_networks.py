@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nearest_etf.dufm.model import DUFMProblem
-from nearest_etf.dufm.reference import dnc_point, optimise_locally, srg_point
-from nearest_etf.dufm.run import layer_stack_of_dufm
-from nearest_etf.layer_stack import save_layer_stack
+from nearest_etf.experiments.dufm.model import DUFMProblem
+from nearest_etf.experiments.dufm.reference import dnc_point, optimise_locally, srg_point
+from nearest_etf.experiments.dufm.run import layer_stack_of_dufm
+from nearest_etf.experiments.layer_stack import save_layer_stack
 
 
 def main() -> None:

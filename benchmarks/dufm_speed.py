@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from nearest_etf.dufm.model import one_torch_thread
-from nearest_etf.dufm.sweep import SweepGrid, run_sweep
-from nearest_etf.dufm.train import TrainConfig, train_dufm
+from nearest_etf.experiments.dufm.model import one_torch_thread
+from nearest_etf.experiments.dufm.sweep import SweepGrid, run_sweep
+from nearest_etf.experiments.dufm.train import TrainConfig, train_dufm
 
 SWEEP_WDS = [0.001, 0.0014, 0.002, 0.0028, 0.004, 0.0056, 0.008, 0.0113]
 RUN_TARGET_S = 10.0

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nearest_etf.heads import HEADS, make_head
-from nearest_etf.models import MLP, Classifier
+from nearest_etf.experiments.models import MLP, Classifier
+from nearest_etf.nn.heads import HEADS, make_head
 
 SHAPES = ((512, 10), (512, 100), (2048, 1000))
 TARGET_SHAPE, TARGET_RATIO = (512, 100), 1.15

@@ -5,7 +5,7 @@ Markou, Ajanthan & Gould (NeurIPS 2024) differentiate U* = argmin_{U^T U = I} f(
     f(Hn, U) = ||Hn - U C / sqrt(K-1)||^2 + (delta/2) ||U - prox||^2,   C = I - 1 1^T / K,
 
 with the equality-constrained deep declarative node formula (Gould et al., TPAMI 2021,
-Prop. 4.5; math.md §2b). With y = vec(U) taken row by row (n = dK), the constraints
+Prop. 4.5; docs/math.md §2b). With y = vec(U) taken row by row (n = dK), the constraints
 h(U) = U^T U - I (upper triangle, m = K(K+1)/2 of them), A = Dh(U) (m x n, formed densely) and
 B = D^2_{Hn,y} f:
 

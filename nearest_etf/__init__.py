@@ -1,26 +1,20 @@
 """nearest_etf: Riemannian optimisation with implicit differentiation, built around the nearest
-simplex equiangular tight frame (ETF) to a set of class means.
+simplex equiangular tight frame (ETF) to a set of class means (Markou, Ajanthan & Gould,
+NeurIPS 2024).
 
-The solver and the declarative node, the classifier heads, the class-mean tracker and the
-collapse metrics are re-exported here; the ETF layers, layer probes, network
-format and generalisation bounds likewise. The experiments live in their modules
-(`nearest_etf.ufm`, `nearest_etf.dufm`, `nearest_etf.train`, `nearest_etf.adaptive_etf`,
-`nearest_etf.etf_transformer`).
+Layers (docs/design.md): the core maths (`etf`, `polar_decomposition`, `nearest`), the
+declarative node (`nearest_etf.declarative`), the PyTorch layers (`nearest_etf.nn`), the metrics
+(`nearest_etf.metrics`) and the experiments with the command line (`nearest_etf.experiments`).
+The public API of the first four is re-exported here; the experiments are imported from their
+package.
 """
 
-from nearest_etf.bounds import (
-    BOUND_NAMES,
-    BoundsResult,
-    LayerBound,
-    bartlett_bound,
-    generalisation_gap_bound,
-    golowich_bound,
-    network_bounds,
-    neyshabur_bound,
-    rank_aware_bound,
-)
-from nearest_etf.class_means import AVERAGES, ClassMeanTracker
-from nearest_etf.declarative import BACKWARD_MODES, DeclarativeNode, Solver, conjugate_gradient
+import importlib
+import warnings
+
+from nearest_etf.declarative.geometry import ConstraintGeometry, geometry_of
+from nearest_etf.declarative.node import BACKWARD_MODES, DeclarativeNode, Solver, conjugate_gradient
+from nearest_etf.declarative.solvers import RiemannianAdam, TrustRegions
 from nearest_etf.etf import (
     centering_matrix,
     centre_columns,
@@ -28,21 +22,7 @@ from nearest_etf.etf import (
     random_stiefel,
     simplex_etf,
 )
-from nearest_etf.etf_layers import (
-    ETF_MODES,
-    ETFLinear,
-    convert_to_etf,
-    etf_weight,
-    fix_last_layers,
-    nearest_etf_weight,
-    trainable_parameters,
-)
-from nearest_etf.geometry import ConstraintGeometry, geometry_of
-from nearest_etf.heads import HEADS, FixedETFHead, ImplicitETFHead, LearnedHead, make_head
-from nearest_etf.layer_probe import effective_depth, layer_collapse, layer_outputs
-from nearest_etf.layer_stack import LayerStack, layer_stack_of, load_layer_stack, save_layer_stack
-from nearest_etf.losses import LOSSES, dot_regression_loss, loss_function, mse_one_hot_loss
-from nearest_etf.metrics import (
+from nearest_etf.metrics.collapse import (
     CollapseStatistics,
     bias_collapse,
     class_means,
@@ -62,6 +42,7 @@ from nearest_etf.metrics import (
     self_duality,
     singular_values,
 )
+from nearest_etf.metrics.layer_probe import effective_depth, layer_collapse, layer_outputs
 from nearest_etf.nearest import (
     BACKWARDS,
     SOLVERS,
@@ -69,8 +50,19 @@ from nearest_etf.nearest import (
     nearest_etf_objective,
     procrustes_target,
 )
-from nearest_etf.polar import polar, polar_vjp
-from nearest_etf.solvers import RiemannianAdam, TrustRegions
+from nearest_etf.nn.class_means import AVERAGES, ClassMeanTracker
+from nearest_etf.nn.etf_layers import (
+    ETF_MODES,
+    ETFLinear,
+    convert_to_etf,
+    etf_weight,
+    fix_last_layers,
+    nearest_etf_weight,
+    trainable_parameters,
+)
+from nearest_etf.nn.heads import HEADS, FixedETFHead, ImplicitETFHead, LearnedHead, make_head
+from nearest_etf.nn.losses import LOSSES, dot_regression_loss, loss_function, mse_one_hot_loss
+from nearest_etf.polar_decomposition import polar, polar_vjp
 
 __version__ = "0.1.0"
 
@@ -78,12 +70,10 @@ __all__ = [
     "AVERAGES",
     "BACKWARDS",
     "BACKWARD_MODES",
-    "BOUND_NAMES",
     "ETF_MODES",
     "HEADS",
     "LOSSES",
     "SOLVERS",
-    "BoundsResult",
     "ClassMeanTracker",
     "CollapseStatistics",
     "ConstraintGeometry",
@@ -91,13 +81,10 @@ __all__ = [
     "ETFLinear",
     "FixedETFHead",
     "ImplicitETFHead",
-    "LayerBound",
-    "LayerStack",
     "LearnedHead",
     "RiemannianAdam",
     "Solver",
     "TrustRegions",
-    "bartlett_bound",
     "bias_collapse",
     "centering_matrix",
     "centre_columns",
@@ -115,13 +102,9 @@ __all__ = [
     "etf_distance",
     "etf_weight",
     "fix_last_layers",
-    "generalisation_gap_bound",
     "geometry_of",
-    "golowich_bound",
     "layer_collapse",
     "layer_outputs",
-    "layer_stack_of",
-    "load_layer_stack",
     "loss_function",
     "make_head",
     "mse_one_hot_loss",
@@ -132,19 +115,45 @@ __all__ = [
     "nearest_etf_distance",
     "nearest_etf_objective",
     "nearest_etf_weight",
-    "network_bounds",
-    "neyshabur_bound",
     "numerical_rank",
     "orthogonal_frame_distance",
     "polar",
     "polar_vjp",
     "procrustes_target",
     "random_stiefel",
-    "rank_aware_bound",
     "rank_of_singular_values",
-    "save_layer_stack",
     "self_duality",
     "simplex_etf",
     "singular_values",
     "trainable_parameters",
 ]
+
+# Names that moved to nearest_etf.experiments: importable from here, with a warning, for one
+# release.
+_MOVED = {
+    "BOUND_NAMES": "nearest_etf.experiments.bounds",
+    "BoundsResult": "nearest_etf.experiments.bounds",
+    "LayerBound": "nearest_etf.experiments.bounds",
+    "bartlett_bound": "nearest_etf.experiments.bounds",
+    "generalisation_gap_bound": "nearest_etf.experiments.bounds",
+    "golowich_bound": "nearest_etf.experiments.bounds",
+    "network_bounds": "nearest_etf.experiments.bounds",
+    "neyshabur_bound": "nearest_etf.experiments.bounds",
+    "rank_aware_bound": "nearest_etf.experiments.bounds",
+    "LayerStack": "nearest_etf.experiments.layer_stack",
+    "layer_stack_of": "nearest_etf.experiments.layer_stack",
+    "load_layer_stack": "nearest_etf.experiments.layer_stack",
+    "save_layer_stack": "nearest_etf.experiments.layer_stack",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _MOVED:
+        warnings.warn(
+            f"nearest_etf.{name} moved to {_MOVED[name]}.{name}; the top-level name will "
+            "be removed",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'nearest_etf' has no attribute {name!r}")

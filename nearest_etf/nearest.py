@@ -5,7 +5,7 @@ For centred class means H[d, K], Hn = H / ||H||, and the previous solution U_pre
     U* = argmin_{U in St(d, K)}  ||Hn - U M_K / sqrt(K)||^2 + (delta/2) ||U - U_prev||^2
 
 On St(d, K) the objective is linear in U, so U* = polar(A) with
-A = (2/sqrt(K-1)) Hn C + delta U_prev, C = I - 1 1^T / K (math.md §2a). Without U_prev
+A = (2/sqrt(K-1)) Hn C + delta U_prev, C = I - 1 1^T / K (docs/math.md §2a). Without U_prev
 (the first, "feasibility" solve) delta = 0 and A has rank <= K-1: U* C (hence the classifier
 U* M_K) is still unique, and the free direction U* 1/sqrt(K) is chosen deterministically and
 carries no gradient.
@@ -27,10 +27,10 @@ from nearest_etf._validation import (
     check_nonnegative,
     check_stiefel,
 )
-from nearest_etf.declarative import DeclarativeNode, Inputs, Objective, Solver
+from nearest_etf.declarative.node import DeclarativeNode, Inputs, Objective, Solver
+from nearest_etf.declarative.solvers import RiemannianAdam, TrustRegions
 from nearest_etf.etf import centre_columns
-from nearest_etf.polar import polar
-from nearest_etf.solvers import RiemannianAdam, TrustRegions
+from nearest_etf.polar_decomposition import polar
 
 __all__ = [
     "BACKWARDS",

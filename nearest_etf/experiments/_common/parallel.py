@@ -1,0 +1,63 @@
+"""Run independent tasks in parallel: the one executor layer of the experiment commands.
+
+Executors: "process" (default; concurrent.futures.ProcessPoolExecutor with spawned workers),
+"ray" (a thin adapter over ray.remote / ray.wait, only when ray is importable) and "serial".
+Each unit of work runs torch single-threaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import torch
+
+__all__ = ["EXECUTORS", "map_unordered"]
+
+EXECUTORS = ("process", "ray", "serial")
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _ray_results(fn: Callable, tasks: Sequence, workers: int) -> Iterator:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=workers)
+    remote = ray.remote(num_cpus=1)(fn)
+    pending = [remote.remote(task) for task in tasks]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
+def map_unordered(
+    fn: Callable, tasks: Sequence, executor: str = "process", workers: int | None = None
+) -> Iterator:
+    """Yield fn(task) for every task, in completion order, on the chosen executor.
+
+    ``fn`` must be a module-level function (workers are spawned processes).
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    workers = workers or os.cpu_count() or 1
+    if executor == "ray":
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError(
+                "--executor ray needs the 'ray' package, which is not installed; "
+                "install ray or use --executor process"
+            )
+        yield from _ray_results(fn, tasks, workers)
+    elif executor == "serial" or workers == 1:
+        yield from map(fn, tasks)
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+            futures = [pool.submit(fn, task) for task in tasks]
+            for future in as_completed(futures):
+                yield future.result()

@@ -1,0 +1,388 @@
+"""`nearest-etf adaptive-etf`: Adaptive-ETF MLPs (Liu, arXiv 2412.00884) against the baseline
+and a fixed-last-k-layers network, with per-layer NCC accuracy curves.
+
+Network: x -> [Linear(., h) -> BatchNorm1d -> ReLU] x D -> Linear(h, K) (`models.MLP` plus a
+linear classifier), trained with cross-entropy and SGD (lr 0.01, momentum 0.9, weight decay
+5e-4, batch 128, constant lr: the paper's settings). Methods, all from the same initialisation
+and data order per seed:
+
+- ``baseline``: every layer trainable;
+- ``fixed-last-k``: the last k linear layers (the classifier included) are canonical ETFs
+  (`etf_layers.fix_last_layers`) from the start;
+- ``adaptive-canonical`` / ``adaptive-nearest``: after every epoch the training-set NCC
+  accuracy of every hidden layer's output (after its ReLU; `layer_probe.layer_collapse`) is fed
+  to `AdaptiveETFRule`; once hidden layer l has NCC accuracy >= threshold (0.9) for `patience`
+  (5) consecutive epochs, then before the next epoch the linear layer of block l and all later
+  ones (the K x h classifier included) are frozen to ETFs (a decision after the last epoch is
+  not applied: the frozen network would be untrained): the canonical ETF (the paper) or the
+  ETF nearest to each layer's current weight (a Procrustes solve with
+  `nearest_etf.nearest_etf`; our variant).
+  Biases and batch norm stay trainable.
+
+Effective depth (reported 1-based): the first hidden layer whose training NCC accuracy reaches
+the threshold, at the last epoch for the baseline and at the freeze for the adaptive runs.
+
+Outputs in the output directory: metrics.csv / metrics.json (config, one row per method, seed
+and epoch with per-layer ``ncc_l`` and ``nc1_l``), summary.csv / summary.json (final accuracies,
+trainable parameters, effective depths, freeze epochs, run times), ncc_curves.png,
+accuracy.png, and network-<method>-seed<s>.pt per run (the trained eval-mode network as a
+`LayerStack` with the training inputs, for `nearest-etf bounds`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from nearest_etf.experiments._common.options import (
+    TrainingOptions,
+    add_data_arguments,
+    add_optimisation_arguments,
+    add_run_arguments,
+    config_from_args,
+    default_out_dir,
+    positive_int,
+)
+from nearest_etf.experiments._common.results import (
+    ACCURACY_PANELS,
+    final_accuracy_summary,
+    mean_curve,
+    plot_mean_curves,
+    write_metrics_and_summary,
+)
+from nearest_etf.experiments._common.training import (
+    eval_loaders,
+    evaluate,
+    save_network,
+    step_bar,
+    train_epoch,
+)
+from nearest_etf.experiments.data import DataSplits, load_dataset, make_loader
+from nearest_etf.experiments.models import MLP
+from nearest_etf.metrics.layer_probe import effective_depth, layer_collapse
+from nearest_etf.nn.etf_layers import (
+    convert_to_etf,
+    fix_last_layers,
+    linear_layer_names,
+    trainable_parameters,
+)
+
+__all__ = [
+    "AdaptiveETFConfig",
+    "AdaptiveETFRule",
+    "add_parser",
+    "build_mlp",
+    "format_summary",
+    "method_names",
+    "run_adaptive_etf",
+    "write_results",
+]
+
+
+class AdaptiveETFRule:
+    """The Adaptive-ETF freezing criterion on a sequence of per-epoch NCC accuracies.
+
+    `update(ncc)` takes the NCC accuracies (fractions) of the `num_layers` hidden layers after
+    an epoch. Layer l's streak counts the consecutive epochs, up to this one, with
+    ncc[l] >= threshold. The first time some not-yet-frozen layer reaches streak >= patience,
+    `frozen_from` becomes the smallest such l and `update` returns it (freeze layer l and all
+    later ones); it returns None otherwise. Later calls keep watching the layers before
+    `frozen_from`, so the frozen block can only grow towards the input.
+    """
+
+    def __init__(self, num_layers: int, threshold: float = 0.9, patience: int = 5) -> None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be an accuracy in [0, 1], got {threshold}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be a positive int (epochs), got {patience!r}")
+        self.num_layers, self.threshold, self.patience = num_layers, threshold, patience
+        self.streaks = [0] * num_layers
+        self.frozen_from: int | None = None
+
+    def update(self, ncc_accuracies: Sequence[float]) -> int | None:
+        """Record one epoch's NCC accuracies [num_layers]; the layer to freeze from, or None."""
+        values = [float(a) for a in ncc_accuracies]
+        if len(values) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} NCC accuracies, got {len(values)}")
+        if not all(0.0 <= a <= 1.0 for a in values):
+            raise ValueError(f"NCC accuracies must be fractions in [0, 1], got {values}")
+        self.streaks = [
+            s + 1 if a >= self.threshold else 0 for s, a in zip(self.streaks, values, strict=True)
+        ]
+        watched = self.num_layers if self.frozen_from is None else self.frozen_from
+        ready = [i for i in range(watched) if self.streaks[i] >= self.patience]
+        if not ready:
+            return None
+        self.frozen_from = ready[0]
+        return self.frozen_from
+
+
+def build_mlp(in_features: int, depth: int, width: int, num_classes: int) -> nn.Sequential:
+    """[Flatten, (Linear -> BatchNorm1d -> ReLU) x depth] (`models.MLP`) then Linear(width, K)."""
+    if depth < 1 or width < 2:
+        raise ValueError(f"need depth >= 1 and width >= 2, got depth={depth}, width={width}")
+    return nn.Sequential(MLP(in_features, (width,) * depth), nn.Linear(width, num_classes))
+
+
+def _relu_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.ReLU)]
+
+
+@dataclass(frozen=True)
+class AdaptiveETFConfig(TrainingOptions):
+    """Options of one `nearest-etf adaptive-etf` invocation (see `add_parser`)."""
+
+    epochs: int = 30
+    depth: int = 6
+    width: int = 256
+    fixed_last: int = 3
+    threshold: float = 0.9
+    patience: int = 5
+    momentum: float = 0.9
+    probe_samples: int = 2000
+    save_networks: bool = True
+
+
+def method_names(config: AdaptiveETFConfig) -> tuple[str, ...]:
+    """The four compared methods."""
+    return (
+        "baseline",
+        f"fixed-last-{config.fixed_last}",
+        "adaptive-canonical",
+        "adaptive-nearest",
+    )
+
+
+def _check_config(config: AdaptiveETFConfig, data: DataSplits) -> None:
+    """Fail before any training: network shape, ETF widths, fixed-last k, the freezing rule."""
+    build_mlp(math.prod(data.input_shape), config.depth, config.width, data.num_classes)
+    AdaptiveETFRule(config.depth, config.threshold, config.patience)
+    if config.width < data.num_classes:
+        raise ValueError(
+            f"--width {config.width} < {data.num_classes} classes: the K x h classifier ETF "
+            "needs h >= K"
+        )
+    if not 0 <= config.fixed_last <= config.depth + 1:
+        raise ValueError(f"--fixed-last must lie in [0, {config.depth + 1}] (linear layers)")
+
+
+def _run(
+    data: DataSplits, config: AdaptiveETFConfig, method: str, seed: int, out_dir: Path | None
+) -> list[dict[str, object]]:
+    """Train one network; one row per epoch."""
+    device = torch.device(config.device)
+    torch.manual_seed(seed)
+    model = build_mlp(math.prod(data.input_shape), config.depth, config.width, data.num_classes).to(
+        device
+    )
+    linears, probes = linear_layer_names(model), _relu_names(model)
+    if method.startswith("fixed-last-"):
+        fix_last_layers(model, int(method.removeprefix("fixed-last-")))
+    rule = (
+        AdaptiveETFRule(config.depth, config.threshold, config.patience)
+        if method.startswith("adaptive-")
+        else None
+    )
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    loader = make_loader(
+        data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
+    )
+    eval_train, eval_test = eval_loaders(data)
+    x_probe, y_probe = data.x_train[: config.probe_samples], data.y_train[: config.probe_samples]
+    loss_fn = nn.CrossEntropyLoss()
+    bar = step_bar(config.epochs * len(loader), f"{method} seed {seed}", config.progress)
+    rows: list[dict[str, object]] = []
+    start = time.perf_counter()
+    frozen_from = frozen_epoch = pending = None
+    for epoch in range(1, config.epochs + 1):
+        if pending is not None:  # decided after the previous epoch, applied before this one
+            convert_to_etf(model, linears[pending:], method.removeprefix("adaptive-"))
+            frozen_from, frozen_epoch, pending = pending, epoch - 1, None
+        train_loss = train_epoch(model, loader, optimizer, loss_fn, bar.update)
+        layers = layer_collapse(model, probes, x_probe, y_probe, data.num_classes)
+        ncc = [layers[name]["ncc_accuracy"] for name in probes]
+        row: dict[str, object] = {
+            "method": method,
+            "seed": seed,
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_accuracy": evaluate(model, eval_train)[1],
+            "test_accuracy": evaluate(model, eval_test)[1],
+            "trainable_params": trainable_parameters(model),
+            "frozen_from": -1 if frozen_from is None else frozen_from + 1,
+            "frozen_epoch": -1 if frozen_epoch is None else frozen_epoch,
+            "seconds": time.perf_counter() - start,
+        }
+        row |= {f"ncc_{i + 1}": a for i, a in enumerate(ncc)}
+        row |= {f"nc1_{i + 1}": layers[name]["nc1"] for i, name in enumerate(probes)}
+        rows.append(row)
+        if rule is not None:
+            pending = rule.update(ncc)
+        bar.set_postfix(test_acc=f"{row['test_accuracy']:.1f}", frozen=row["frozen_from"])
+    bar.close()
+    if out_dir is not None and config.save_networks:
+        path = out_dir / f"network-{method}-seed{seed}.pt"
+        save_network(model, data, path, "adaptive-etf", config, rows[-1], "method")
+    return rows
+
+
+def run_adaptive_etf(
+    config: AdaptiveETFConfig, data: DataSplits | None = None, out_dir: Path | None = None
+) -> list[dict[str, object]]:
+    """Every method with seeds 0..seeds-1; all rows (networks saved into out_dir if given)."""
+    if data is None:
+        data = load_dataset(config.dataset).subset(config.train_subset, config.test_subset)
+    _check_config(config, data)
+    rows: list[dict[str, object]] = []
+    for seed in range(config.seeds):
+        for method in method_names(config):
+            rows += _run(data, config, method, seed, out_dir)
+    return rows
+
+
+def _summary_rows(
+    rows: Sequence[dict[str, object]], config: AdaptiveETFConfig
+) -> list[dict[str, object]]:
+    """Per method, over seeds: final accuracies (mean, std), trainable parameters, effective
+    depth and freeze epoch per seed, seconds per run."""
+    out = []
+    for method in method_names(config):
+        final = [r for r in rows if r["method"] == method and r["epoch"] == config.epochs]
+        ncc_final = [[float(r[f"ncc_{i + 1}"]) for i in range(config.depth)] for r in final]
+        if method.startswith("adaptive-"):
+            depths = [int(r["frozen_from"]) for r in final]
+        else:
+            depths = [
+                -1 if (d := effective_depth(n, config.threshold)) is None else d + 1
+                for n in ncc_final
+            ]
+        summary: dict[str, object] = {"method": method, "seeds": len(final)}
+        summary |= final_accuracy_summary(final)
+        summary["trainable_params"] = float(np.mean([int(r["trainable_params"]) for r in final]))
+        summary["effective_depth"] = " ".join(map(str, depths))
+        summary["frozen_epoch"] = " ".join(str(r["frozen_epoch"]) for r in final)
+        out.append(summary)
+    return out
+
+
+def _plot_ncc(rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, path: Path) -> None:
+    """Per method: training NCC accuracy of every hidden layer vs epoch (mean over seeds)."""
+    methods = method_names(config)
+    fig = Figure(figsize=(4 * len(methods), 3.4))
+    epochs = np.arange(1, config.epochs + 1)
+    colours = [f"C{i % 10}" for i in range(config.depth)]
+    for j, method in enumerate(methods):
+        ax = fig.add_subplot(1, len(methods), j + 1)
+        for i in range(config.depth):
+            curve = mean_curve(rows, "method", method, f"ncc_{i + 1}")
+            ax.plot(epochs, curve, colours[i], label=f"{i + 1}")
+        ax.axhline(config.threshold, color="grey", linestyle=":", linewidth=1)
+        for r in rows:
+            if r["method"] == method and r["epoch"] == config.epochs and r["frozen_epoch"] != -1:
+                ax.axvline(int(r["frozen_epoch"]), color="k", linestyle="--", linewidth=0.8)
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylim(0, 1.02)
+        ax.tick_params(labelsize=7)
+        if j == 0:
+            ax.set_ylabel("train NCC accuracy", fontsize=8)
+            ax.legend(title="layer", fontsize=7, title_fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def write_results(
+    rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, out_dir: Path
+) -> dict[str, Path]:
+    """metrics.csv/json, summary.csv/json, ncc_curves.png and accuracy.png into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = write_metrics_and_summary(config, rows, _summary_rows(rows, config), out_dir)
+    paths |= {name: out_dir / name for name in ("ncc_curves.png", "accuracy.png")}
+    _plot_ncc(rows, config, paths["ncc_curves.png"])
+    plot_mean_curves(
+        rows,
+        "method",
+        {m: m for m in method_names(config)},
+        (*ACCURACY_PANELS, ("trainable_params", "trainable parameters")),
+        paths["accuracy.png"],
+    )
+    return paths
+
+
+def format_summary(summary: Sequence[dict[str, object]]) -> str:
+    """A plain-text table of `summary.csv`."""
+    header = (
+        f"{'method':<20}{'test acc [%]':>16}{'train acc [%]':>16}{'trainable':>11}"
+        f"{'eff. depth':>12}{'frozen at':>12}{'s/run':>8}"
+    )
+    lines = [header]
+    for s in summary:
+        lines.append(
+            f"{s['method']:<20}"
+            f"{s['test_accuracy_mean']:>9.2f} +- {s['test_accuracy_std']:<4.2f}"
+            f"{s['train_accuracy_mean']:>9.2f} +- {s['train_accuracy_std']:<4.2f}"
+            f"{s['trainable_params']:>11.0f}{s['effective_depth']:>12}{s['frozen_epoch']:>12}"
+            f"{s['seconds_per_run']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    config = config_from_args(
+        AdaptiveETFConfig,
+        args,
+    )
+    out_dir = args.out or default_out_dir(
+        "adaptive-etf", f"{Path(args.dataset).name}-D{args.depth}-h{args.width}"
+    )
+    print(f"output directory: {out_dir}")
+    rows = run_adaptive_etf(config, out_dir=out_dir)
+    paths = write_results(rows, config, out_dir)
+    print(format_summary(_summary_rows(rows, config)))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    d = AdaptiveETFConfig()
+    parser = subparsers.add_parser(
+        "adaptive-etf",
+        help="Adaptive-ETF MLPs vs baseline and fixed-last-k ETF layers; per-layer NCC curves",
+    )
+    add_data_arguments(parser, d)
+    parser.add_argument("--depth", type=positive_int, default=d.depth, help="hidden layers D")
+    parser.add_argument("--width", type=positive_int, default=d.width, help="hidden width h")
+    add_optimisation_arguments(parser, d)
+    parser.add_argument("--momentum", type=float, default=d.momentum)
+    parser.add_argument(
+        "--fixed-last",
+        type=int,
+        default=d.fixed_last,
+        help="k of the fixed-last-k baseline (linear layers, classifier included)",
+    )
+    parser.add_argument("--threshold", type=float, default=d.threshold, help="NCC accuracy")
+    parser.add_argument("--patience", type=positive_int, default=d.patience, help="epochs")
+    parser.add_argument(
+        "--probe-samples",
+        type=positive_int,
+        default=d.probe_samples,
+        help="training samples on which the per-layer NCC accuracy and NC1 are measured",
+    )
+    add_run_arguments(parser, d, networks=True)
+    parser.set_defaults(func=main)

@@ -1,0 +1,163 @@
+"""`nearest-etf bounds --run PATH`: complexity bounds of saved networks (`generalisation`).
+
+PATH is a ``network*.pt`` file (a `LayerStack` written by `nearest-etf train`, `nearest-etf dufm
+run` or any experiment using `save_layer_stack`) or a directory searched recursively for them.
+Written into the directory (a file's parent): ``bounds.json`` (settings, and per network its
+meta, totals and per-layer rows), ``bounds.csv`` (one row per network), ``bounds_layers.csv``
+(one row per network and layer) and ``bounds.png`` (every bound per network, log scale). For a
+single file the names carry its stem, ``bounds-<stem>.json`` etc., so that a directory's
+summary is not overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from nearest_etf.experiments._common.results import write_csv
+from nearest_etf.experiments.bounds.generalisation import (
+    BOUND_NAMES,
+    DEFAULT_RANK_RTOL,
+    BoundsResult,
+    network_bounds,
+)
+from nearest_etf.experiments.layer_stack import load_layer_stack
+
+__all__ = ["add_parser", "bounds_of_run", "format_table", "network_files"]
+
+_META_KEYS = ("source", "head", "seed", "train_accuracy", "test_accuracy", "found_dnc")
+
+
+def network_files(path: Path) -> tuple[Path, list[Path]]:
+    """(output directory, sorted network*.pt files) for a file or a directory."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent, [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is neither a network file nor a directory")
+    files = sorted(path.rglob("network*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no network*.pt files under {path}")
+    return path, files
+
+
+def _summary_row(name: str, meta: dict, result: BoundsResult) -> dict[str, object]:
+    row: dict[str, object] = {"network": name}
+    row |= {key: meta.get(key, "") for key in _META_KEYS}
+    row |= {
+        "depth": len(result.layers),
+        "m": result.m,
+        "data_norm": result.data_norm,
+        "ranks": " ".join(str(layer.rank) for layer in result.layers),
+        "widths": " ".join(str(layer.width) for layer in result.layers),
+    }
+    return row | result.totals
+
+
+def _plot(rows: Sequence[dict[str, object]], path: Path, c1: float, c2: float) -> None:
+    fig = Figure(figsize=(max(6.0, 1.2 * len(rows) + 2), 4))
+    ax = fig.add_subplot()
+    x = np.arange(len(rows))
+    width = 0.8 / len(BOUND_NAMES)
+    for i, name in enumerate(BOUND_NAMES):
+        values = [float(r[name]) for r in rows]
+        ax.bar(x + (i - (len(BOUND_NAMES) - 1) / 2) * width, values, width, label=name)
+    ax.set_yscale("log")
+    ax.set_xticks(x, [str(r["network"]) for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(f"bound (C1 = {c1:g}, C2 = {c2:g}, no log factors)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def bounds_of_run(
+    path: Path,
+    rank_rtol: float = DEFAULT_RANK_RTOL,
+    delta: float = 0.05,
+    loss_lipschitz: float = 1.0,
+    c1: float = 1.0,
+    c2: float = 1.0,
+) -> tuple[list[dict[str, object]], dict[str, Path]]:
+    """Bounds of every network under `path`; (summary rows, written file paths). The files are
+    bounds.* for a directory and bounds-<stem>.* for a single network file (module docstring)."""
+    out_dir, files = network_files(path)
+    rows: list[dict[str, object]] = []
+    networks: list[dict] = []
+    layer_rows: list[dict[str, object]] = []
+    for file in files:
+        stack = load_layer_stack(file)
+        result = network_bounds(stack, rank_rtol, delta, loss_lipschitz, c1, c2)
+        name = str(file.relative_to(out_dir).with_suffix(""))
+        rows.append(_summary_row(name, stack.meta, result))
+        result_dict = result.to_dict()
+        networks.append({"network": name, "meta": stack.meta, **result_dict})
+        for layer in result_dict["layers"]:
+            layer_rows.append(
+                {"network": name, **layer, "shape": "x".join(map(str, layer["shape"]))}
+            )
+    stem = "bounds" if Path(path).is_dir() else f"bounds-{files[0].stem}"
+    paths = {
+        "json": out_dir / f"{stem}.json",
+        "csv": out_dir / f"{stem}.csv",
+        "layers_csv": out_dir / f"{stem}_layers.csv",
+        "png": out_dir / f"{stem}.png",
+    }
+    settings = networks[0]["settings"] | {"biases": "per network, see networks[].settings"}
+    paths["json"].write_text(json.dumps({"settings": settings, "networks": networks}, indent=1))
+    write_csv(rows, paths["csv"])
+    write_csv(layer_rows, paths["layers_csv"])
+    _plot(rows, paths["png"], c1, c2)
+    return rows, paths
+
+
+def format_table(rows: Sequence[dict[str, object]]) -> str:
+    """The summary rows as a fixed-width text table."""
+    columns = ("network", "test_accuracy", "found_dnc", "ranks", *BOUND_NAMES)
+    cells = [[_cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def main(args: argparse.Namespace) -> None:
+    rows, paths = bounds_of_run(
+        args.run, args.rank_rtol, args.delta, args.loss_lipschitz, args.c1, args.c2
+    )
+    print(
+        f"bounds with C1 = {args.c1:g}, C2 = {args.c2:g} (unspecified universal constants), "
+        f"rank rtol {args.rank_rtol:g}, delta {args.delta:g}, L_loss {args.loss_lipschitz:g}"
+    )
+    print(format_table(rows))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bounds", help="rank-aware and norm-based generalisation bounds of saved networks"
+    )
+    parser.add_argument(
+        "--run", type=Path, required=True, help="a network*.pt file or a directory holding some"
+    )
+    parser.add_argument(
+        "--rank-rtol",
+        type=float,
+        default=DEFAULT_RANK_RTOL,
+        help="numerical rank counts singular values > rtol * s_max",
+    )
+    parser.add_argument("--delta", type=float, default=0.05, help="confidence 1 - delta")
+    parser.add_argument(
+        "--loss-lipschitz", type=float, default=1.0, help="Lipschitz constant of the loss"
+    )
+    parser.add_argument("--c1", type=float, default=1.0, help="constant C1 of Theorem 7")
+    parser.add_argument("--c2", type=float, default=1.0, help="constant C2 of Theorem 7")
+    parser.set_defaults(func=main)

@@ -1,0 +1,92 @@
+"""Per-layer neural-collapse analysis of a DUFM point.
+
+For every representation (H_1, then Z_l = W_l H_l before and H_{l+1} = ReLU(Z_l) after each ReLU,
+then the output Z_L), with class means M [K, d] (uncentred, rows = classes):
+singular values of M, numerical rank #{s_i > rtol s_max}, effective rank, NC1 (pseudo-inverse
+cut-off rtol^2 relative to the top eigenvalue of Sigma_B, whose eigenvalues are squared singular
+values), distance to a simplex ETF of the centred means and to an orthogonal frame of M
+(formulas in nearest_etf.metrics.collapse). Undefined entries (all class means equal up to
+||Mbar|| <= 1e-12 ||M||, e.g. a dead layer) are NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from nearest_etf.experiments.dufm.model import DUFMProblem
+from nearest_etf.metrics.collapse import (
+    class_means,
+    effective_rank,
+    etf_distance,
+    nc1,
+    numerical_rank,
+    orthogonal_frame_distance,
+    singular_values,
+)
+
+__all__ = ["DEFAULT_RANK_RTOL", "LayerStats", "analyse_layers", "hidden_ranks", "is_dnc"]
+
+DEFAULT_RANK_RTOL = 1e-2
+_COLLAPSED_RTOL = 1e-12  # centred means this small (relative) count as one point
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Collapse statistics of one representation's class means."""
+
+    name: str
+    singular_values: list[float]
+    rank: int
+    effective_rank: float
+    nc1: float
+    etf_distance: float
+    orthogonal_frame_distance: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def analyse_layers(
+    problem: DUFMProblem, params: Sequence[Tensor], rtol: float = DEFAULT_RANK_RTOL
+) -> list[LayerStats]:
+    """LayerStats of H1, Z1, H2, ..., Z{L} (see `DUFMProblem.representations`)."""
+    stats = []
+    K = problem.classes
+    for name, rep in problem.representations(params):
+        features = rep.detach().T
+        means, _ = class_means(features, problem.labels, K)
+        s = singular_values(means)
+        zero = float(s[0]) == 0.0
+        spread = torch.linalg.matrix_norm(means - means.mean(dim=0))
+        collapsed = float(spread) <= _COLLAPSED_RTOL * float(torch.linalg.matrix_norm(means))
+        stats.append(
+            LayerStats(
+                name=name,
+                singular_values=[float(v) for v in s],
+                rank=numerical_rank(means, rtol),
+                effective_rank=math.nan if zero else effective_rank(means),
+                nc1=(
+                    math.nan if collapsed else float(nc1(features, problem.labels, K, rtol=rtol**2))
+                ),
+                etf_distance=math.nan if collapsed else float(etf_distance(means)),
+                orthogonal_frame_distance=(
+                    math.nan if zero else float(orthogonal_frame_distance(means))
+                ),
+            )
+        )
+    return stats
+
+
+def hidden_ranks(stats: Sequence[LayerStats]) -> dict[str, int]:
+    """Numerical ranks of the class means of H_1..H_L (inputs of W_1..W_L)."""
+    return {s.name: s.rank for s in stats if s.name.startswith("H")}
+
+
+def is_dnc(stats: Sequence[LayerStats], classes: int) -> bool:
+    """True when every H_l has class means of full rank K (a DNC-like solution)."""
+    return all(rank == classes for rank in hidden_ranks(stats).values())

@@ -1,0 +1,267 @@
+"""`nearest-etf etf-transformer`: a small patch transformer classifier with and without simplex-ETF
+feed-forward layers (the ETF-Transformer of Liu, arXiv 2412.00884).
+
+Model (`PatchTransformer`): the flattened input x [L] is cut into L/p patches of length p (the
+tokens), embedded by a Linear(p, d) plus a learned position embedding, passed through
+`nn.TransformerEncoderLayer` blocks (pre-norm, ReLU, no dropout; model width d, FFN width f),
+mean-pooled over tokens, layer-normed and classified by a Linear(d, K). With ETF feed-forward
+layers, both FFN linears of every block (linear1 [f, d], linear2 [d, f]) are converted by
+`etf_layers.convert_to_etf` at initialisation: "canonical" (the identity frame) or "nearest"
+(the ETF nearest to the random initial weight, i.e. a random frame); their biases stay
+trainable. All variants start from the same initialisation and data order per seed and train
+with AdamW and cross-entropy.
+
+Outputs in the output directory: metrics.csv / metrics.json (one row per variant, seed and
+epoch), summary.csv / summary.json (final accuracies, trainable parameters, seconds per run) and
+accuracy.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from nearest_etf.experiments._common.options import (
+    TrainingOptions,
+    add_data_arguments,
+    add_optimisation_arguments,
+    add_run_arguments,
+    config_from_args,
+    default_out_dir,
+    positive_int,
+)
+from nearest_etf.experiments._common.results import (
+    ACCURACY_PANELS,
+    final_accuracy_summary,
+    plot_mean_curves,
+    write_metrics_and_summary,
+)
+from nearest_etf.experiments._common.training import eval_loaders, evaluate, step_bar, train_epoch
+from nearest_etf.experiments.data import DataSplits, load_dataset, make_loader
+from nearest_etf.nn.etf_layers import convert_to_etf, trainable_parameters
+
+__all__ = [
+    "VARIANTS",
+    "ETFTransformerConfig",
+    "PatchTransformer",
+    "add_parser",
+    "feed_forward_names",
+    "run_etf_transformer",
+]
+
+VARIANTS = ("baseline", "etf-canonical", "etf-nearest")
+
+
+class PatchTransformer(nn.Module):
+    """logits [N, K] = Linear(LayerNorm(mean_t Encoder(Embed(patches(x)) + pos)_t)) for inputs
+    x [N, ...] with L = prod(...) features, cut into L/p tokens of length p."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        patch_size: int = 4,
+        width: int = 64,
+        ffn_width: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+    ) -> None:
+        super().__init__()
+        if in_features % patch_size:
+            raise ValueError(
+                f"patch size {patch_size} does not divide the {in_features} input features"
+            )
+        if width % heads:
+            raise ValueError(f"width {width} must be divisible by the number of heads {heads}")
+        self.patch_size = patch_size
+        self.embed = nn.Linear(patch_size, width)
+        self.position = nn.Parameter(0.02 * torch.randn(in_features // patch_size, width))
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                width, heads, ffn_width, dropout=0.0, batch_first=True, norm_first=True
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.embed(x.reshape(len(x), -1, self.patch_size)) + self.position
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.classifier(self.norm(tokens.mean(dim=1)))
+
+
+def feed_forward_names(model: nn.Module) -> list[str]:
+    """Qualified names of the FFN linears (linear1, linear2) of every TransformerEncoderLayer."""
+    return [
+        f"{name}.{part}"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.TransformerEncoderLayer)
+        for part in ("linear1", "linear2")
+    ]
+
+
+@dataclass(frozen=True)
+class ETFTransformerConfig(TrainingOptions):
+    """Options of one `nearest-etf etf-transformer` invocation (see `add_parser`)."""
+
+    epochs: int = 15
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patch_size: int = 4
+    width: int = 64
+    ffn_width: int = 256
+    depth: int = 2
+    heads: int = 4
+    variants: tuple[str, ...] = VARIANTS
+
+
+def _run(
+    data: DataSplits, config: ETFTransformerConfig, variant: str, seed: int
+) -> list[dict[str, object]]:
+    device = torch.device(config.device)
+    torch.manual_seed(seed)
+    model = PatchTransformer(
+        math.prod(data.input_shape),
+        data.num_classes,
+        config.patch_size,
+        config.width,
+        config.ffn_width,
+        config.depth,
+        config.heads,
+    ).to(device)
+    if variant != "baseline":
+        convert_to_etf(model, feed_forward_names(model), variant.removeprefix("etf-"))
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
+    loader = make_loader(
+        data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
+    )
+    eval_train, eval_test = eval_loaders(data)
+    total_params = sum(p.numel() for p in model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    bar = step_bar(config.epochs * len(loader), f"{variant} seed {seed}", config.progress)
+    rows: list[dict[str, object]] = []
+    start = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        train_loss = train_epoch(model, loader, optimizer, loss_fn, bar.update)
+        _, train_accuracy = evaluate(model, eval_train)
+        _, test_accuracy = evaluate(model, eval_test)
+        row: dict[str, object] = {
+            "variant": variant,
+            "seed": seed,
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
+            "test_accuracy": test_accuracy,
+            "trainable_params": trainable_parameters(model),
+            "total_params": total_params,
+            "seconds": time.perf_counter() - start,
+        }
+        rows.append(row)
+        bar.set_postfix(test_acc=f"{row['test_accuracy']:.1f}")
+    bar.close()
+    return rows
+
+
+def run_etf_transformer(
+    config: ETFTransformerConfig, data: DataSplits | None = None
+) -> list[dict[str, object]]:
+    """Every variant with seeds 0..seeds-1; all rows."""
+    unknown = [v for v in config.variants if v not in VARIANTS]
+    if unknown or not config.variants:
+        raise ValueError(f"variants must be among {VARIANTS}, got {config.variants}")
+    if data is None:
+        data = load_dataset(config.dataset).subset(config.train_subset, config.test_subset)
+    rows: list[dict[str, object]] = []
+    for seed in range(config.seeds):
+        for variant in config.variants:
+            rows += _run(data, config, variant, seed)
+    return rows
+
+
+def _summary_rows(
+    rows: Sequence[dict[str, object]], config: ETFTransformerConfig
+) -> list[dict[str, object]]:
+    out = []
+    for variant in config.variants:
+        final = [r for r in rows if r["variant"] == variant and r["epoch"] == config.epochs]
+        summary: dict[str, object] = {"variant": variant, "seeds": len(final)}
+        summary |= final_accuracy_summary(final)
+        summary["trainable_params"] = int(final[0]["trainable_params"])
+        summary["total_params"] = int(final[0]["total_params"])
+        out.append(summary)
+    return out
+
+
+def format_summary(summary: Sequence[dict[str, object]]) -> str:
+    """A plain-text table of summary.csv."""
+    lines = [
+        f"{'variant':<16}{'test acc [%]':>16}{'train acc [%]':>16}{'trainable':>11}"
+        f"{'total':>9}{'s/run':>8}"
+    ]
+    for s in summary:
+        lines.append(
+            f"{s['variant']:<16}"
+            f"{s['test_accuracy_mean']:>9.2f} +- {s['test_accuracy_std']:<4.2f}"
+            f"{s['train_accuracy_mean']:>9.2f} +- {s['train_accuracy_std']:<4.2f}"
+            f"{s['trainable_params']:>11}{s['total_params']:>9}{s['seconds_per_run']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def write_results(
+    rows: Sequence[dict[str, object]], config: ETFTransformerConfig, out_dir: Path
+) -> dict[str, Path]:
+    """metrics.csv/json, summary.csv/json and accuracy.png into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = _summary_rows(rows, config)
+    paths = write_metrics_and_summary(config, rows, summary, out_dir)
+    paths["accuracy.png"] = out_dir / "accuracy.png"
+    labels = {
+        str(s["variant"]): f"{s['variant']} ({s['trainable_params']} trainable)" for s in summary
+    }
+    plot_mean_curves(rows, "variant", labels, ACCURACY_PANELS, paths["accuracy.png"])
+    return paths
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    config = config_from_args(ETFTransformerConfig, args, variants=tuple(args.variants))
+    out_dir = args.out or default_out_dir("etf-transformer", Path(args.dataset).name)
+    print(f"output directory: {out_dir}")
+    rows = run_etf_transformer(config)
+    paths = write_results(rows, config, out_dir)
+    print(format_summary(_summary_rows(rows, config)))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    d = ETFTransformerConfig()
+    parser = subparsers.add_parser(
+        "etf-transformer",
+        help="patch transformer classifier with and without simplex-ETF feed-forward layers",
+    )
+    add_data_arguments(parser, d)
+    parser.add_argument(
+        "--patch-size", type=positive_int, default=d.patch_size, help="features per token"
+    )
+    parser.add_argument("--width", type=positive_int, default=d.width, help="model width d")
+    parser.add_argument("--ffn-width", type=positive_int, default=d.ffn_width, help="FFN width")
+    parser.add_argument("--depth", type=positive_int, default=d.depth, help="encoder blocks")
+    parser.add_argument("--heads", type=positive_int, default=d.heads, help="attention heads")
+    add_optimisation_arguments(parser, d, lr_help="AdamW learning rate")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(d.variants))
+    add_run_arguments(parser, d)
+    parser.set_defaults(func=main)

@@ -1,0 +1,334 @@
+"""`nearest-etf ufm`: the UFM convergence study (learned vs fixed vs implicit ETF heads).
+
+Writes to the output directory: ``curves.csv`` (one row per run and recorded step),
+``study.json`` (configuration, lr tuning scores, chosen lrs, summary rows and every curve),
+``summary.csv``, ``summary.txt`` (the printed table) and ``ufm.png`` (two rows of panels: every
+method at the shared lr, and every method at its best lr; mean over seeds with the min-max band).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from nearest_etf.experiments._common.options import config_from_args, default_out_dir
+from nearest_etf.experiments._common.results import write_csv
+from nearest_etf.experiments.ufm.study import (
+    METHODS,
+    METRICS,
+    OPTIMIZERS,
+    Study,
+    UFMConfig,
+    UFMRun,
+    run_study,
+    summarise_study,
+    thresholds,
+)
+
+__all__ = ["add_parser", "format_summary", "plot_study", "read_study", "write_study"]
+
+_PANELS = (
+    ("loss", "loss (cross-entropy)", True),
+    ("nc1", "NC1  tr(Σ_W Σ_B⁺)/K", True),
+    ("nc3", "NC3 self-duality", True),
+    ("cosine_margin", "average cosine margin", False),
+    ("equinorm", "equinorm of means (std/mean)", True),
+    ("etf_distance", "distance of means to simplex ETF", True),
+)
+_COLOURS = {m: f"C{i}" for i, m in enumerate(METHODS)}
+_COMPARISON_TITLES = {"shared-lr": "one shared lr", "best-lr": "best lr per method"}
+
+
+def _aligned(study: Study, comparison: str, method: str, metric: str) -> tuple[list, np.ndarray]:
+    """Steps and a [seeds, steps] array of ``metric`` (NaN after a run diverged)."""
+    group = study.group(comparison, method)
+    steps = max((r.steps for r in group), key=len)
+    values = np.full((len(group), len(steps)), np.nan)
+    for i, run in enumerate(group):
+        values[i, : len(run.steps)] = run.curves[metric]
+    return steps, values
+
+
+def plot_study(study: Study, path: Path) -> Path:
+    """The figure: a row per comparison, a panel per metric, one colour per method."""
+    comparisons = list(study.comparisons)
+    fig = Figure(figsize=(3.2 * len(_PANELS), 2.7 * len(comparisons)))
+    axes = fig.subplots(len(comparisons), len(_PANELS), squeeze=False)
+    K = study.config.classes
+    for row, comparison in enumerate(comparisons):
+        lrs = study.comparisons[comparison]
+        for col, (metric, title, log) in enumerate(_PANELS):
+            ax = axes[row, col]
+            for method in study.methods:
+                steps, values = _aligned(study, comparison, method, metric)
+                if np.isnan(values).all():
+                    continue
+                colour = _COLOURS[method]
+                ax.plot(
+                    steps,
+                    np.nanmean(values, axis=0),
+                    color=colour,
+                    lw=1.2,
+                    label=f"{method} (lr {lrs[method]:g})",
+                )
+                ax.fill_between(
+                    steps,
+                    np.nanmin(values, axis=0),
+                    np.nanmax(values, axis=0),
+                    color=colour,
+                    alpha=0.25,
+                    lw=0,
+                )
+            if metric == "cosine_margin":
+                ax.axhline(K / (K - 1), color="k", ls=":", lw=0.8)
+            if log:
+                ax.set_yscale("log")
+            ax.set_xscale("symlog", linthresh=10)  # linear to step 10, then logarithmic
+            ax.set_xlim(0, study.config.steps)
+            ax.set_title(title if row == 0 else "", fontsize=9)
+            ax.tick_params(labelsize=7)
+            if row == len(comparisons) - 1:
+                ax.set_xlabel("step", fontsize=8)
+            if col == 0:
+                ax.set_ylabel(_COMPARISON_TITLES[comparison], fontsize=9)
+                ax.legend(fontsize=6)
+    c = study.config
+    fig.suptitle(
+        f"UFM K={K}, d={c.dim}, n={c.per_class}/class, {c.optimizer}, {len(study.seeds)} seeds "
+        "(mean, min-max band; step axis linear to 10, then log)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    return path
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}g}"
+
+
+def format_summary(study: Study, rows: Sequence[dict]) -> str:
+    """The two summary tables (steps to threshold; final mean +- std) as text."""
+    limits = thresholds(study.config)
+    crossing = [m for m in METRICS if m in limits]
+    lines = [
+        f"UFM K={study.config.classes} d={study.config.dim} n={study.config.per_class} "
+        f"steps={study.config.steps} seeds={study.seeds} optimizer={study.config.optimizer}",
+        "lr grid "
+        + ", ".join(f"{lr:g}" for lr in study.lr_grid)
+        + f"; best lr chosen on seed {study.tune_seed}; shared lr {study.shared_lr:g}",
+        "",
+        "First recorded step where the metric crosses its threshold "
+        "(median over seeds; '-' if some seed never crosses, with seeds crossed/total):",
+        "  thresholds: " + ", ".join(f"{m} {op} {v:.4g}" for m, (op, v) in limits.items()),
+    ]
+    head = f"{'comparison':<10} {'method':<14} {'lr':>6} " + " ".join(f"{m:>15}" for m in crossing)
+    lines += [head, "-" * len(head)]
+    for row in rows:
+        cells = [
+            f"{_fmt(row[f'{m}_step'])} ({row[f'{m}_crossed']}/{row['seeds']})" for m in crossing
+        ]
+        lines.append(
+            f"{row['comparison']:<10} {row['method']:<14} {row['lr']:>6g} "
+            + " ".join(f"{c:>15}" for c in cells)
+        )
+    lines += ["", "Final values, mean +- std over seeds:"]
+    head = f"{'comparison':<10} {'method':<14} {'lr':>6} " + " ".join(f"{m:>19}" for m in METRICS)
+    lines += [head, "-" * len(head)]
+    for row in rows:
+        cells = [
+            f"{_fmt(row[f'{m}_final_mean'])} +- {_fmt(row[f'{m}_final_std'], 2)}" for m in METRICS
+        ]
+        extra = f"  ({row['diverged']} diverged)" if row["diverged"] else ""
+        lines.append(
+            f"{row['comparison']:<10} {row['method']:<14} {row['lr']:>6g} "
+            + " ".join(f"{c:>19}" for c in cells)
+            + extra
+        )
+    return "\n".join(lines)
+
+
+def write_study(study: Study, out: Path, command: str = "") -> dict:
+    """Write curves.csv, summary.csv, summary.txt, study.json and ufm.png into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarise_study(study)
+    with open(out / "curves.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "lr", "seed", "step", *METRICS])
+        for (method, lr, seed), run in sorted(study.runs.items()):
+            for i, step in enumerate(run.steps):
+                writer.writerow([method, lr, seed, step, *(run.curves[m][i] for m in METRICS)])
+    write_csv(rows, out / "summary.csv")
+    text = format_summary(study, rows)
+    (out / "summary.txt").write_text(text + "\n")
+    figure = plot_study(study, out / "ufm.png")
+    record = {
+        "command": command,
+        "config": study.config.to_dict(),
+        "methods": study.methods,
+        "seeds": study.seeds,
+        "tune_seed": study.tune_seed,
+        "lr_grid": study.lr_grid,
+        "shared_lr": study.shared_lr,
+        "tuning_scores": {
+            m: {str(lr): s for lr, s in by_lr.items()} for m, by_lr in study.tuning.items()
+        },
+        "comparisons": study.comparisons,
+        "thresholds": thresholds(study.config),
+        "summary": rows,
+        "runs": [
+            {
+                "method": r.method,
+                "lr": r.lr,
+                "seed": r.seed,
+                "diverged": r.diverged,
+                "seconds": r.seconds,
+                "steps": r.steps,
+                "curves": r.curves,
+            }
+            for _, r in sorted(study.runs.items())
+        ],
+        "figure": str(figure),
+    }
+    (out / "study.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def read_study(path: Path) -> tuple[Study, str]:
+    """The `Study` (and its command line) stored in a study.json written by `write_study`."""
+    record = json.loads(path.read_text())
+    runs = {}
+    for r in record["runs"]:
+        run = UFMRun(r["method"], r["lr"], r["seed"], r["steps"], r["curves"], r["diverged"])
+        run.seconds = r["seconds"]
+        runs[(run.method, run.lr, run.seed)] = run
+    study = Study(
+        config=UFMConfig(**record["config"]),
+        methods=record["methods"],
+        seeds=record["seeds"],
+        tune_seed=record["tune_seed"],
+        lr_grid=record["lr_grid"],
+        shared_lr=record["shared_lr"],
+        runs=runs,
+        tuning={
+            m: {float(lr): v for lr, v in s.items()} for m, s in record["tuning_scores"].items()
+        },
+        best_lr=record["comparisons"]["best-lr"],
+    )
+    return study, record["command"]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"cannot parse {text!r} as numbers: {exc}") from exc
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}"
+        )
+    return methods
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.replot is not None:
+        study, command = read_study(args.replot)
+        out = args.out or args.replot.parent
+        write_study(study, out, command)
+        print((out / "summary.txt").read_text(), end="")
+        return
+    config = config_from_args(
+        UFMConfig, args, feature_norm=None if args.feature_norm <= 0 else args.feature_norm
+    )
+    lr_grid = args.lr_grid if args.lr_grid else [args.lr]
+    torch.set_num_threads(args.threads)
+    out = args.out or default_out_dir("ufm", f"K{args.classes}")
+    start = time.perf_counter()
+    study = run_study(
+        config,
+        args.methods,
+        list(range(args.seeds)),
+        lr_grid,
+        args.lr,
+        tune_seed=args.tune_seed,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    command = "nearest-etf " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["ufm"] else ""
+    write_study(study, out, command)
+    print((out / "summary.txt").read_text(), end="")
+    print(f"\nwall time {time.perf_counter() - start:.1f} s; results in {out}")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    d = UFMConfig()
+    parser = subparsers.add_parser(
+        "ufm",
+        help="UFM convergence study: learned vs fixed vs implicit ETF heads",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--classes", type=int, default=d.classes, help="K")
+    parser.add_argument("--dim", type=int, default=d.dim, help="feature dimension d >= K")
+    parser.add_argument("--per-class", type=int, default=d.per_class, help="n samples per class")
+    parser.add_argument("--steps", type=int, default=d.steps, help="full-batch steps T")
+    parser.add_argument(
+        "--methods",
+        type=_methods,
+        default=["learned", "fixed", "implicit", "implicit-none"],
+        help=f"comma list from {', '.join(METHODS)}",
+    )
+    parser.add_argument("--seeds", type=int, default=5, help="evaluation seeds 0..S-1")
+    parser.add_argument("--lr", type=float, default=10.0, help="the shared learning rate")
+    parser.add_argument(
+        "--lr-grid",
+        type=_floats,
+        default=[1.0, 3.0, 10.0, 30.0, 100.0],
+        help="comma list each method picks its best lr from (one value: no tuning)",
+    )
+    parser.add_argument("--tune-seed", type=int, default=1000, help="seed the lr is tuned on")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    parser.add_argument(
+        "--feature-norm", type=float, default=d.feature_norm, help="tau (<= 0: no normalisation)"
+    )
+    parser.add_argument("--feature-wd", type=float, default=d.feature_wd, help="wd on H")
+    parser.add_argument("--head-wd", type=float, default=d.head_wd, help="wd on a learned W, b")
+    parser.add_argument("--init-scale", type=float, default=d.init_scale, help="row norm of H_0")
+    parser.add_argument("--delta", type=float, default=d.delta, help="implicit heads' prox weight")
+    parser.add_argument(
+        "--records", type=int, default=d.records, help="recorded steps (log-spaced; > T: all)"
+    )
+    parser.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
+    parser.add_argument("--workers", type=int, default=2, help="processes (1: in this process)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads in this process (with --workers 1)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output directory")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        metavar="STUDY_JSON",
+        help="only rewrite the table, CSVs and figure of a stored study.json (into --out or its "
+        "directory); every other option is ignored",
+    )
+    parser.set_defaults(func=main)

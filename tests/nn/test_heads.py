@@ -1,0 +1,306 @@
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nearest_etf.etf import etf_classifier, random_stiefel, simplex_etf
+from nearest_etf.nearest import nearest_etf
+from nearest_etf.nn.heads import FixedETFHead, ImplicitETFHead, LearnedHead, make_head
+
+F64 = torch.float64
+D, K = 6, 4
+
+
+def _batch(N: int = 12, d: int = D, seed: int = 0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(N) % K
+    centres = torch.randn(K, d, generator=g, dtype=dtype)
+    return centres[labels] + 0.5 * torch.randn(N, d, generator=g, dtype=dtype), labels
+
+
+def _heads(dtype=F64):
+    return [
+        LearnedHead(D, K).to(dtype),
+        LearnedHead(D, K, bias=False, normalize_rows=True, temperature=2.0).to(dtype),
+        FixedETFHead(D, K).to(dtype),
+        FixedETFHead(D, K, rotation="random", seed=3, temperature=1.5).to(dtype),
+        ImplicitETFHead(D, K).to(dtype),
+        ImplicitETFHead(D, K, average="cma", temperature=3.0).to(dtype),
+        ImplicitETFHead(D, K, average="none").to(dtype),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_common_module_behaviour(index):
+    head = _heads()[index]
+    x, y = _batch()
+    logits = head(x, y)
+    assert logits.shape == (12, K) and logits.dtype == F64
+    head.eval()
+    W, b = head.classifier()
+    scaled = head.scale_features(x)
+    torch.testing.assert_close(head(x), scaled @ W.T + b)
+    if head.temperature is not None:
+        torch.testing.assert_close(
+            scaled.norm(dim=1), torch.full((12,), head.temperature, dtype=F64)
+        )
+    # state dict round trip into a fresh head of the same class and options
+    fresh = copy.deepcopy(_heads()[index]).eval()
+    fresh.load_state_dict(head.state_dict())
+    assert torch.equal(fresh(x), head(x))
+    # .to(dtype)
+    assert head.to(torch.float32)(x.float()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_low_precision_features_are_cast_up(index: int, low: torch.dtype) -> None:
+    # As from a backbone under torch.autocast: the head computes in float32, the gradient
+    # returns in the features' dtype, and the result equals feeding the cast-up features.
+    x, y = _batch(dtype=torch.float32)
+    x_low = x.to(low).requires_grad_(True)
+    head = _heads(torch.float32)[index]
+    reference = copy.deepcopy(head)
+    logits = head(x_low, y)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference(x_low.detach().float(), y))
+    logits.sum().backward()
+    assert x_low.grad is not None and x_low.grad.dtype == low
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_heads_train_under_autocast(index: int) -> None:
+    # the backbone runs in bfloat16; the head (SVD, custom backward included) in float32
+    torch.manual_seed(0)
+    backbone = nn.Linear(8, D)
+    head = _heads(torch.float32)[index]
+    x, y = torch.randn(12, 8), torch.arange(12) % K
+    params = [*backbone.parameters(), *head.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = head(backbone(x), y)
+            loss = nn.functional.cross_entropy(logits, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert logits.dtype == torch.float32 and math.isfinite(loss.item())
+    assert backbone.weight.grad is not None and bool(torch.isfinite(backbone.weight.grad).all())
+
+
+def test_fixed_head_is_the_simplex_etf_and_frozen():
+    head = FixedETFHead(D, K)
+    torch.testing.assert_close(head.weight, etf_classifier(torch.eye(D, K)))
+    M = simplex_etf(K)
+    torch.testing.assert_close(head.weight @ head.weight.T, M.T @ M)  # unit rows, cos -1/(K-1)
+    random = FixedETFHead(D, K, rotation="random", seed=7)
+    R = random_stiefel(D, K, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(random.weight, etf_classifier(R))
+    assert not torch.allclose(random.weight, FixedETFHead(D, K, rotation="random", seed=8).weight)
+    assert list(head.parameters()) == []
+    x, _ = _batch(dtype=torch.float32)
+    x.requires_grad_(True)
+    logits = head(x)
+    torch.testing.assert_close(logits, (x - x.mean(0)) @ head.weight.T)
+    torch.testing.assert_close(head.bias, -head.weight @ x.detach().mean(0))
+    G = torch.randn_like(logits)
+    (logits * G).sum().backward()
+    # b = -W mu_G carries no gradient: dL/dx = G W only (with it, G W - mean(G) W per row)
+    torch.testing.assert_close(x.grad, G @ head.weight)
+
+
+def test_learned_head_row_normalisation():
+    head = LearnedHead(D, K, normalize_rows=True)
+    with torch.no_grad():
+        head.weight.mul_(torch.arange(1.0, K + 1).unsqueeze(1))
+    x, _ = _batch(dtype=torch.float32)
+    head.eval()
+    W, _ = head.classifier()
+    torch.testing.assert_close(W.norm(dim=1), torch.ones(K))
+    assert not torch.allclose(head.weight.norm(dim=1), torch.ones(K))  # eval does not mutate
+    head.train()
+    head(x)
+    torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(K))
+    # gradient accumulation: a second forward before the backward must not break the first graph
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
+    first, second = head(x), head(2 * x)
+    (first.square().sum() + second.square().sum()).backward()
+    optimizer.step()
+    assert not torch.allclose(head.weight.norm(dim=1), torch.ones(K))
+    head(x)  # the first forward after the step projects again
+    torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(K))
+
+
+def test_implicit_head_solves_nearest_etf_with_prox():
+    head = ImplicitETFHead(D, K, delta=0.1).to(F64)
+    batches = [_batch(seed=s) for s in range(3)]
+    x0, y0 = batches[0]
+    head(x0, y0)
+    H = head.tracker.means.mT
+    torch.testing.assert_close(head.frame, nearest_etf(H, None))
+    U_prev = head.frame.clone()
+    x1, y1 = batches[1]
+    logits = head(x1, y1)
+    H = head.tracker.means.mT
+    U = nearest_etf(H, U_prev, delta=0.1)
+    torch.testing.assert_close(head.frame, U)
+    W = etf_classifier(U)
+    torch.testing.assert_close(head.weight, W)
+    torch.testing.assert_close(head.bias, -W @ x1.mean(0))
+    torch.testing.assert_close(logits, x1 @ W.T + head.bias)
+    assert int(head.num_steps) == 2
+    # eval mode reuses W, b and does not touch the state
+    state = copy.deepcopy(head.state_dict())
+    head.eval()
+    x2, _ = batches[2]
+    torch.testing.assert_close(head(x2), x2 @ W.T + head.bias)
+    assert all(torch.equal(v, state[k]) for k, v in head.state_dict().items())
+
+
+def test_implicit_head_gradient_matches_finite_differences():
+    # The full derivative, direct path + tracker means + nearest-ETF node, by float64 gradcheck.
+    # b = -W mu_G carries no gradient through mu_G (as for FixedETFHead), so the features are
+    # parametrised as x = z - mean(z) + m: every perturbation of z keeps mu_G = m.
+    head = ImplicitETFHead(D, K, delta=0.2).to(F64)
+    head(*_batch(seed=1))
+    x, y = _batch(seed=2)
+    m = x.mean(0)
+
+    def fn(z):
+        return copy.deepcopy(head)(z - z.mean(0) + m, y)
+
+    assert torch.autograd.gradcheck(fn, (x.clone().requires_grad_(True),))
+
+
+def test_implicit_head_general_path_agrees_with_the_closed_form_path():
+    # backward="kkt" goes through nearest_etf's generic declarative node; the default takes the
+    # polar-factor shortcut. Same frame, same feature gradient.
+    x0, y0 = _batch(seed=1)
+    x, y = _batch(seed=2)
+    upstream = torch.randn(12, K, dtype=F64)
+    grads, frames = [], []
+    for backward in ("analytic", "kkt"):
+        head = ImplicitETFHead(D, K, delta=0.1, backward=backward).to(F64)
+        head(x0, y0)
+        features = x.clone().requires_grad_(True)
+        (head(features, y) * upstream).sum().backward()
+        grads.append(features.grad)
+        frames.append(head.frame)
+    torch.testing.assert_close(frames[0], frames[1])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-7, atol=1e-9)
+
+
+def test_implicit_head_declarative_path_changes_the_backbone_gradient():
+    backbone = nn.Linear(5, D).to(F64)
+    inputs = torch.randn(12, 5, dtype=F64)
+    _, y = _batch()
+    grads = []
+    for detach in (False, True):
+        head = ImplicitETFHead(D, K, detach_frame=detach).to(F64)
+        head(backbone(inputs).detach(), y)  # a first step, so the next one has a prox
+        backbone.zero_grad()
+        nn.functional.cross_entropy(head(backbone(inputs), y), y).backward()
+        grads.append(backbone.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-8)
+    assert (grads[0] - grads[1]).norm() > 1e-4 * grads[0].norm()
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_bad_input_is_rejected_with_state_unchanged(index):
+    head = _heads()[index]
+    x, y = _batch()
+    head(x, y)
+    before = copy.deepcopy(head.state_dict())
+    bad = [
+        ((x, torch.where(y == 0, K, y)), ValueError, r"\[0, 4\)"),
+        ((x, y - 1), ValueError, r"\[0, 4\)"),
+        ((x[:, :-1], y), ValueError, "width 5"),
+        ((torch.where(x > 1, float("nan"), x), y), ValueError, "non-finite"),
+        ((torch.where(x > 1, float("inf"), x), y), ValueError, "non-finite"),
+        ((x.float(), y), TypeError, "float32"),
+        ((x, y.double()), TypeError, "integer"),
+        ((x, y[:-1]), ValueError, "shape"),
+    ]
+    if isinstance(head, ImplicitETFHead):
+        bad.append(((x,), ValueError, "needs targets"))
+    if not isinstance(head, LearnedHead):  # mu_G of an empty batch would be 0/0
+        bad.append(((x[:0], y[:0]), ValueError, "empty training batch"))
+    for args, error, message in bad:
+        with pytest.raises(error, match=message):
+            head(*args)
+    after = head.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_first_step_without_class_information_is_an_error():
+    head = ImplicitETFHead(D, K).to(F64)
+    x, y = _batch()
+    with pytest.raises(ValueError, match="coincide"):
+        head(torch.ones_like(x), y)
+    assert int(head.num_steps) == 0 and head.tracker.appearances.sum() == 0
+    torch.testing.assert_close(head.frame, torch.eye(D, K, dtype=F64))
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="num_features d >= num_classes"):
+        ImplicitETFHead(3, 4)
+    with pytest.raises(ValueError, match="average"):
+        ImplicitETFHead(6, 4, average="mean")
+    with pytest.raises(ValueError, match="rotation"):
+        FixedETFHead(6, 4, rotation="haar")
+    with pytest.raises(ValueError, match="temperature"):
+        LearnedHead(6, 4, temperature=0.0)
+    with pytest.raises(TypeError, match="num_classes"):
+        LearnedHead(6, 4.0)
+    with pytest.raises(ValueError, match="head"):
+        make_head("linear", 6, 4)
+    assert isinstance(make_head("implicit", 6, 4, delta=0.1), ImplicitETFHead)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, batches) -> None:
+    for inputs, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(inputs, y), y).backward()
+        opt.step()
+
+
+class _Net(nn.Module):
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, D), nn.Tanh())
+        self.head = head
+
+    def forward(self, x, y=None):
+        return self.head(self.body(x), y)
+
+
+@pytest.mark.parametrize("average", ["ema", "cma", "none"])
+def test_checkpoint_resumes_bit_exactly(average):
+    def make():
+        torch.manual_seed(0)
+        net = _Net(ImplicitETFHead(D, K, average=average, temperature=2.0))
+        return net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(12, 5, generator=g), torch.randint(0, K, (12,), generator=g)) for _ in range(8)
+    ]
+    net, opt = make()
+    _train(net, opt, batches[:4])
+    buffer = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buffer)
+    _train(net, opt, batches[4:])
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    resumed, resumed_opt = make()
+    _train(resumed, resumed_opt, batches[:1])  # different state, overwritten by the load
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    _train(resumed, resumed_opt, batches[4:])
+    assert int(resumed.head.num_steps) == 8
+    for (name, a), b in zip(net.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
