@@ -1,6 +1,6 @@
 """DUFM simulator speed: one 20,000-step run and an 8 weight decays x 10 seeds sweep.
 
-Targets (issue 5): the run <= 10 s on this CPU, the sweep <= 300 s on 2 cores. The explicit
+Targets: the run <= 10 s on this CPU, the sweep <= 300 s on 2 cores. The explicit
 backward is also timed side by side against the same training step with torch.autograd
 (the reference implementation), on a shorter run, and the speed-up printed.
 

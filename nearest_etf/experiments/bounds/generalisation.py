@@ -21,8 +21,8 @@ arguments `c1`, `c2` (default 1, i.e. reported with C1 = C2 = 1, which is NOT a 
 the figures are the bound's shape, not a certified number). The per-layer `term` reported is
 (||X||_F / m) T_i, so the terms sum to G.
 
-**Generalisation gap.** The reported `gap` is the form stated in the project's issue 7, which
-attributes it to the paper (whose full text was not available here to check it). For a loss
+**Generalisation gap.** The reported `gap` is the form attributed to Pinto et al.'s rank-aware
+bound (its full text was not available here to check it). For a loss
 that is L_loss-Lipschitz in the network output and takes values in [0, 1], with probability
 >= 1 - delta over the m samples:
 
@@ -30,8 +30,8 @@ that is L_loss-Lipschitz in the network output and takes values in [0, 1], with 
 
 This is NOT what the textbook chain gives: R <= sqrt(pi/2) G (Rademacher from Gaussian
 complexity), the contraction R(loss o F) <= L_loss R(F) and gap <= 2 R + 3 sqrt(log(2/delta) /
-(2m)) give sqrt(2 pi) L_loss G for the first term, larger than the issue's by the factor
-sqrt(2 L_loss) (sqrt(2) for L_loss = 1). The confidence terms agree. Only the issue's form is
+(2m)) give sqrt(2 pi) L_loss G for the first term, larger than the attributed form by the factor
+sqrt(2 L_loss) (sqrt(2) for L_loss = 1). The confidence terms agree. Only the attributed form is
 computed here.
 
 **Comparison bounds** on the (empirical) Rademacher complexity, in the forms used for the paper's
@@ -48,7 +48,7 @@ comparison (Table 1), margin gamma = 1, data term as in each original theorem:
   (||X||_F / m) prod_i ||W_i||_2 (sum_i (||W_i^T||_{2,1} / ||W_i||_2)^{2/3})^{3/2},
   ||W^T||_{2,1} = sum over the rows of W of their Euclidean norms.
 
-The comparison forms keep only what the issue and the cited theorems state plainly; constants and
+The comparison forms keep only what the cited theorems state plainly; constants and
 log factors that the original theorems carry are dropped as documented, so cross-bound
 comparisons are comparisons of growth, not of certified values.
 
@@ -303,8 +303,8 @@ def rank_aware_bound(
 def generalisation_gap_bound(
     gaussian_complexity: float, m: int, delta: float = 0.05, loss_lipschitz: float = 1.0
 ) -> float:
-    """sqrt(L_loss pi) G + sqrt(9 log(2/delta) / (2m)), loss in [0, 1]: the form issue 7 states
-    (the textbook chain gives sqrt(2 pi) L_loss G for the first term; module docstring)."""
+    """sqrt(L_loss pi) G + sqrt(9 log(2/delta) / (2m)), loss in [0, 1]: the form attributed to
+    Pinto et al. (the textbook chain gives sqrt(2 pi) L_loss G for the first term; module docstring)."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if not loss_lipschitz > 0 or not gaussian_complexity >= 0 or m < 1:

@@ -21,7 +21,7 @@ NC1, the distance of the centred class means to the simplex ETF (`etf_distance`)
 NC3 self-duality between the head's W and the centred means, the equinorm of the centred means,
 and the average cosine margin of the classifier.
 
-A study (`run_study`) is the fair comparison the issue asks for: every method at one shared lr,
+A study (`run_study`) is a fair comparison: every method at one shared lr,
 and every method at its own best lr from the same grid (chosen on a separate tuning seed by
 `selection_score`, with the same step budget), each over the same evaluation seeds.
 """
