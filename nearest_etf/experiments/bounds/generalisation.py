@@ -304,7 +304,8 @@ def generalisation_gap_bound(
     gaussian_complexity: float, m: int, delta: float = 0.05, loss_lipschitz: float = 1.0
 ) -> float:
     """sqrt(L_loss pi) G + sqrt(9 log(2/delta) / (2m)), loss in [0, 1]: the form attributed to
-    Pinto et al. (the textbook chain gives sqrt(2 pi) L_loss G for the first term; module docstring)."""
+    Pinto et al. (the textbook chain gives sqrt(2 pi) L_loss G for the first term; see the
+    module docstring)."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if not loss_lipschitz > 0 or not gaussian_complexity >= 0 or m < 1:
