@@ -26,6 +26,7 @@ from nearest_etf._validation import (
     check_class_means,
     check_nonnegative,
     check_stiefel,
+    normalise,
 )
 from nearest_etf.declarative import DeclarativeNode, Inputs, Objective, Solver
 from nearest_etf.etf import centre_columns
@@ -141,7 +142,7 @@ def nearest_etf(
     check_choice("backward", backward, BACKWARDS)
     if prox is not None:
         prox = check_stiefel("prox", prox, H.shape, H.dtype).to(H.device)
-    Hn = H / torch.linalg.matrix_norm(H, keepdim=True)
+    Hn = normalise(H, (-2, -1))
     return solve_nearest_etf(Hn, prox, delta, solver, backward)
 
 
