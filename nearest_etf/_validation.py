@@ -95,7 +95,7 @@ def normalise(x: Tensor, dim: Dims) -> Tensor:
     return y / norm.where(norm > 0, torch.ones_like(norm))
 
 
-def coincide(centred: Tensor, reference: Tensor, dim: Dims, count: int) -> Tensor:
+def coincide(centred: Tensor, reference: Tensor, dim: Dims, count: int | Tensor) -> Tensor:
     """Whether means coincide: the centred means vanish to rounding over `dim`,
     max |centred| <= count * eps * max |reference| (`count` = how many means were averaged, the
     bound on the rounding of their mean). Scale-safe: maxima, no squares. Reduced dims removed."""

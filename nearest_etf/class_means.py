@@ -41,7 +41,6 @@ from nearest_etf._validation import (
     check_choice,
     check_float_tensor,
     coincide,
-    normalise,
     pow2_scale,
 )
 
@@ -207,11 +206,12 @@ class ClassMeanTracker(nn.Module):
         total = counts.sum()
         present = counts > 0
         global_mean = sums.sum(0) / total
-        batch_means = torch.where(
-            present.unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1), global_mean
-        )
-        centred = batch_means - global_mean  # zero rows for the absent classes
-        size, finite = torch.stack([total, torch.isfinite(centred).all()]).tolist()  # one sync
+        batch_means = sums / counts.clamp_min(1).unsqueeze(1)  # zero rows for absent classes
+        centred = (batch_means - global_mean) * present.unsqueeze(1)  # and here too
+        vanish = coincide(centred, batch_means, (0, 1), total)
+        size, finite, vanishes = torch.stack(
+            [total, torch.isfinite(centred).all(), vanish]
+        ).tolist()  # one host sync
         if not size > 0:
             raise ValueError("empty training batch (no samples on any rank)")
         if not finite:
@@ -219,10 +219,11 @@ class ClassMeanTracker(nn.Module):
                 f"the batch's class sums overflow {features.dtype} (features up to "
                 f"{float(features.detach().abs().max()):.3g}): rescale the features"
             )
-        scaled = centred * pow2_scale(centred, (0, 1))  # exact: no overflow or underflow below
-        rms = (scaled.square().sum() / present.sum()).sqrt()
-        vanish = coincide(centred, batch_means, (0, 1), int(size))
-        batch = torch.where(vanish, 0.0, scaled / rms.where(rms > 0, 1.0))
+        if vanishes:
+            batch = torch.zeros_like(centred)
+        else:  # D = centred / r, at an exact power-of-two scale: no overflow or underflow
+            scaled = centred * pow2_scale(centred, (0, 1))
+            batch = scaled / (scaled.square().sum() / present.sum()).sqrt()
         appearances = self.appearances + present.long()
         alpha = self._alpha(appearances.clamp_min(1), features.dtype).unsqueeze(1)
         previous = self.means.detach().to(features.dtype)
@@ -232,7 +233,10 @@ class ClassMeanTracker(nn.Module):
                 "all tracked class means coincide with the global mean (zero centred means): "
                 "the features carry no class information yet"
             )
-        return TrackerUpdate(means, normalise(means, (0, 1)), global_mean, appearances)
+        # rows of D have norm <= sqrt(K) and Hbar is a convex combination of them: a plain norm
+        return TrackerUpdate(
+            means, means / torch.linalg.matrix_norm(means), global_mean, appearances
+        )
 
     @torch.no_grad()
     def commit(self, update: TrackerUpdate) -> None:
