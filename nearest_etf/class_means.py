@@ -92,8 +92,9 @@ def distributed_sum(x: Tensor) -> Tensor:
 def check_batch(
     features: object, labels: object, num_features: int, num_classes: int
 ) -> tuple[Tensor, Tensor | None]:
-    """Check features[N, num_features] (float32/64, finite) and, unless None, integer
-    labels[N] in [0, num_classes); raise TypeError/ValueError naming the problem."""
+    """Check features[N, num_features] (finite; float16/bfloat16 returned as float32, other
+    non-float dtypes rejected: `check_float_tensor`) and, unless None, integer labels[N] in
+    [0, num_classes); raise TypeError/ValueError naming the problem."""
     features = check_float_tensor("features", features)
     if features.ndim != 2:
         raise ValueError(f"features must have shape [N, d], got {tuple(features.shape)}")

@@ -22,6 +22,13 @@ Formulas (math.md section 4):
   prediction differs from argmin_k ||h - mu_k||; cosine margin cos(w_y, h - mu_G) -
   max_{k != y} cos(w_k, h - mu_G); nearest-ETF distance ||Hn - U* M_K/sqrt(K)||_F (math.md §2).
   `collapse_metrics` streams all of them over a data loader (`CollapseStatistics`).
+
+Inputs: every float tensor is checked (finite; float16/bfloat16 computed in float32, other
+non-float dtypes a TypeError), and the scale-invariant metrics are computed at an exact
+power-of-two rescaling of their input, so they hold over the whole range of the dtype
+(`nearest_etf._validation`). Metrics of the class means raise ValueError where all class means
+coincide (the centred means vanish to rounding): NC1, the ETF and nearest-ETF distances, NC3 and
+the NCC accuracy and mismatch are undefined there.
 """
 
 from __future__ import annotations
