@@ -41,6 +41,7 @@ from nearest_etf._validation import (
     check_choice,
     check_float_tensor,
     coincide,
+    normalise,
     pow2_scale,
 )
 
@@ -234,10 +235,7 @@ class ClassMeanTracker(nn.Module):
                 "all tracked class means coincide with the global mean (zero centred means): "
                 "the features carry no class information yet"
             )
-        # rows of D have norm <= sqrt(K) and Hbar is a convex combination of them: a plain norm
-        return TrackerUpdate(
-            means, means / torch.linalg.matrix_norm(means), global_mean, appearances
-        )
+        return TrackerUpdate(means, normalise(means, (0, 1)), global_mean, appearances)
 
     @torch.no_grad()
     def commit(self, update: TrackerUpdate) -> None:
