@@ -1,14 +1,31 @@
-"""Input checks shared by the public entry points: each raises a ValueError/TypeError naming
-the problem, before any state is touched."""
+"""Input checks and scale-safe norms shared by the public entry points.
+
+Checks raise a ValueError/TypeError naming the problem, before any state is touched.
+
+**dtype policy.** Every public entry point takes float16, bfloat16, float32 or float64 tensors.
+float16 and bfloat16 inputs are computed in float32 (`check_float_tensor` casts them up, so the
+results are float32 tensors or Python floats); any other dtype (integer, bool, complex) raises a
+TypeError naming it.
+
+**Scale safety.** A norm or a normalisation computed as sqrt(sum x_i^2) overflows for entries
+above sqrt(max) of the dtype (1.8e19 in float32) and underflows below sqrt(tiny) (1.1e-19).
+`pow2_scale` rescales by an exact power of two first (as LAPACK's nrm2 rescales), so
+`scale_safe_norm` and `normalise` are exact in the sense of rounding over the whole range of the
+dtype, and scale-invariant quantities are computed on the rescaled input.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+Dims = int | tuple[int, ...]
 
 
 def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
@@ -19,11 +36,18 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
 
 
 def check_float_tensor(name: str, x: object) -> Tensor:
-    """A float32/float64 tensor with finite entries."""
+    """`x` as a float32/float64 tensor with finite entries (the dtype policy of the module
+    docstring: float16/bfloat16 are returned cast to float32, differentiably). Raises TypeError
+    for a non-tensor or another dtype, ValueError for NaN or inf entries."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    if x.dtype in LOW_PRECISION:
+        x = x.float()
+    elif x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got {x.dtype}"
+        )
     # One reduction instead of an elementwise isfinite pass: a finite sum proves every entry
     # finite (NaN/inf propagate); only when it is not, look closer (it may have overflowed).
     if not bool(torch.isfinite(x.detach().sum())) and not bool(torch.isfinite(x).all()):
@@ -31,8 +55,59 @@ def check_float_tensor(name: str, x: object) -> Tensor:
     return x
 
 
+def as_float64(name: str, x: object) -> Tensor:
+    """A detached float64 CPU copy of a real tensor `x` (any floating dtype, or int64, int32,
+    uint8 such as raw pixels) with finite entries; TypeError for another type or dtype,
+    ValueError for NaN or inf."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not (x.is_floating_point() or x.dtype in (torch.int64, torch.int32, torch.uint8)):
+        raise TypeError(f"{name} must be a real tensor, got {x.dtype}")
+    x = x.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} has non-finite entries (NaN or inf)")
+    return x
+
+
+def pow2_scale(x: Tensor, dim: Dims) -> Tensor:
+    """c = 2^-e (no gradient, reduced dims kept) with max |x c| over `dim` in [1/2, 1): the exact
+    rescaling of the module docstring. c = 1 for an all-zero slice; for a subnormal maximum, c is
+    capped at the dtype's largest power of two (max |x c| is then below 1/2, still normal)."""
+    peak = x.detach().abs().amax(dim=dim, keepdim=True)
+    exponent = torch.frexp(peak).exponent
+    top = int(math.log2(torch.finfo(x.dtype).max))  # 2^top is the largest finite power of two
+    return torch.ldexp(torch.ones_like(peak), (-exponent).clamp(max=top))
+
+
+def scale_safe_norm(x: Tensor, dim: Dims) -> Tensor:
+    """||x||_2 over `dim` (a tuple for the Frobenius norm) without intermediate overflow or
+    underflow: ||x c|| / c with c = `pow2_scale(x, dim)`; reduced dims removed."""
+    c = pow2_scale(x, dim)
+    return (torch.linalg.vector_norm(x * c, dim=dim, keepdim=True) / c).squeeze(dim)
+
+
+def normalise(x: Tensor, dim: Dims) -> Tensor:
+    """x / ||x||_2 over `dim` (a tuple for the Frobenius norm), scale-safe (module docstring) and
+    differentiable (exactly the derivative of x / ||x||). An all-zero slice stays zero; callers
+    that need a unit norm reject it first."""
+    y = x * pow2_scale(x, dim)
+    norm = torch.linalg.vector_norm(y, dim=dim, keepdim=True)
+    return y / norm.where(norm > 0, torch.ones_like(norm))
+
+
+def coincide(centred: Tensor, reference: Tensor, dim: Dims, count: int | Tensor) -> Tensor:
+    """Whether means coincide: the centred means vanish to rounding over `dim`,
+    max |centred| <= count * eps * max |reference| (`count` = how many means were averaged, the
+    bound on the rounding of their mean). Scale-safe: maxima, no squares. Reduced dims removed."""
+    eps = torch.finfo(centred.dtype).eps
+    spread = centred.detach().abs().amax(dim=dim)
+    return spread <= count * eps * reference.detach().abs().amax(dim=dim)
+
+
 def check_class_means(H: object) -> Tensor:
-    """H[..., d, K] with K >= 2, d >= K, finite, and nonzero Frobenius norm per problem."""
+    """H[..., d, K] with K >= 2, d >= K, finite, a float dtype (low precision cast to float32)
+    and, per problem, centred means H C that do not vanish (`coincide`: all class means equal,
+    nothing to fit). Checked at the scale of H, so tiny or huge H are accepted."""
     H = check_float_tensor("H", H)
     if H.ndim < 2:
         raise ValueError(
@@ -45,15 +120,22 @@ def check_class_means(H: object) -> Tensor:
         raise ValueError(
             f"H has d={d} rows and K={K} columns; St(d, K) needs d >= K (feature dim >= classes)"
         )
-    if bool((torch.linalg.matrix_norm(H) == 0).any()):
-        raise ValueError("H has zero Frobenius norm: all class means coincide, nothing to fit")
+    if bool((H.detach().abs().amax(dim=(-2, -1)) == 0).any()):
+        raise ValueError("H has zero Frobenius norm (H = 0): no class means, nothing to fit")
+    scaled = H.detach() * pow2_scale(H, (-2, -1))
+    centred = scaled - scaled.mean(dim=-1, keepdim=True)  # H C, rescaled: |entries| < 2
+    if bool(coincide(centred, scaled, (-2, -1), K).any()):
+        raise ValueError(
+            "H has centred means H C = 0 (to rounding): all class means coincide, nothing to fit"
+        )
     return H
 
 
 def check_stiefel(
     name: str, U: object, shape: torch.Size, dtype: torch.dtype, atol: float = 1e-3
 ) -> Tensor:
-    """U with the given shape/dtype and orthonormal columns: max |U^T U - I| <= atol."""
+    """U with the given shape/dtype (after the dtype policy) and orthonormal columns:
+    max |U^T U - I| <= atol."""
     U = check_float_tensor(name, U)
     if U.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(U.shape)}")

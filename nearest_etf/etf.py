@@ -33,8 +33,9 @@ def centering_matrix(
 
 def centre_columns(X: Tensor) -> Tensor:
     """X C = X - (X 1/K) 1^T for X[..., n, K]: each row minus its mean, in O(nK) (no K x K
-    product with the centring matrix C)."""
-    return X - X.mean(dim=-1, keepdim=True)
+    product with the centring matrix C). The mean is sum_j (x_j / K), which cannot overflow
+    where sum_j x_j would (entries near the dtype's maximum)."""
+    return X - (X / X.shape[-1]).sum(dim=-1, keepdim=True)
 
 
 def simplex_etf(

@@ -26,6 +26,7 @@ from nearest_etf._validation import (
     check_class_means,
     check_nonnegative,
     check_stiefel,
+    normalise,
 )
 from nearest_etf.declarative.node import DeclarativeNode, Inputs, Objective, Solver
 from nearest_etf.declarative.solvers import RiemannianAdam, TrustRegions
@@ -119,8 +120,9 @@ def nearest_etf(
     """The nearest simplex ETF frame U* in St(d, K) to the class means H, differentiable in H.
 
     Args:
-        H: [..., d, K] centred class means as columns (any scale; normalised to unit Frobenius
-            norm inside the differentiable map). d >= K >= 2. Leading dims are a batch.
+        H: [..., d, K] centred class means as columns (any scale over the dtype's range;
+            normalised to unit Frobenius norm, scale-safely, inside the differentiable map).
+            d >= K >= 2. Leading dims are a batch. float16/bfloat16 are computed in float32.
         prox: [..., d, K] the previous solution (orthonormal columns), or None for the first,
             delta = 0 "feasibility" solve.
         delta: proximal weight (>= 0), used only with a prox; delta = 0 ignores the prox (the
@@ -134,14 +136,21 @@ def nearest_etf(
 
     Returns:
         U [..., d, K] with U^T U = I minimising ||Hn - U M_K/sqrt(K)||^2 + (delta/2)||U - prox||^2.
-        The ETF classifier is `etf_classifier(U)` = (U M_K)^T.
+        The ETF classifier is `etf_classifier(U)` = (U M_K)^T. Without a prox, U C is unique
+        only when the centred means H C have rank K - 1; with fewer independent centred means
+        the missing directions are completed deterministically and held fixed (no gradient),
+        so finite differences disagree with the gradient there by design.
+
+    Raises:
+        TypeError for a non-float dtype; ValueError for NaN/inf entries, a bad shape, or
+        centred means H C that vanish (all class means coincide).
     """
     H = check_class_means(H)
     delta = check_nonnegative("delta", delta)
     check_choice("backward", backward, BACKWARDS)
     if prox is not None:
         prox = check_stiefel("prox", prox, H.shape, H.dtype).to(H.device)
-    Hn = H / torch.linalg.matrix_norm(H, keepdim=True)
+    Hn = normalise(H, (-2, -1))
     return solve_nearest_etf(Hn, prox, delta, solver, backward)
 
 

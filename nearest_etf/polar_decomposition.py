@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nearest_etf._validation import check_float_tensor, pow2_scale
+
 __all__ = ["polar", "polar_vjp"]
 
 
@@ -111,7 +113,19 @@ class _Polar(torch.autograd.Function):
 def polar(A: Tensor, Q: Tensor | None = None) -> Tensor:
     """Q = polar(A) = argmax_{Q^T Q = I} tr(Q^T A) for A[..., d, K], d >= K, differentiable
     with the closed-form backward. Pass `Q` (a maximiser found elsewhere) to differentiate at it
-    instead of recomputing the SVD."""
+    instead of recomputing the SVD.
+
+    polar(c A) = polar(A) for c > 0: each problem is first rescaled by an exact power of two to
+    max |A_ij| in [1/2, 1), so no singular value overflows or underflows at any scale of the
+    dtype. float16/bfloat16 A is computed in float32 (Q is float32); TypeError for other
+    non-float dtypes, ValueError for NaN/inf entries or a wrong shape."""
+    A = check_float_tensor("A", A)
     if A.ndim < 2 or A.shape[-2] < A.shape[-1]:
         raise ValueError(f"polar(A) needs A[..., d, K] with d >= K, got {tuple(A.shape)}")
-    return _Polar.apply(A, Q)
+    if Q is not None:
+        Q = check_float_tensor("Q", Q)
+        if Q.shape != A.shape:
+            raise ValueError(f"Q must have the shape of A, {tuple(A.shape)}, got {tuple(Q.shape)}")
+        if Q.dtype != A.dtype:
+            raise TypeError(f"Q must have the dtype of A, {A.dtype}, got {Q.dtype}")
+    return _Polar.apply(A * pow2_scale(A, (-2, -1)), Q)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from nearest_etf._validation import as_float64
 from nearest_etf.experiments.models import MLP, Classifier
 from nearest_etf.nn.heads import HEADS
 
@@ -39,17 +40,6 @@ ACTIVATIONS = ("relu", "identity")
 _CONTAINERS = (nn.Sequential, MLP, Classifier)
 _PASS_THROUGH = (nn.Flatten, nn.Identity, nn.Dropout)
 _FORMAT = "nearest_etf.layer_stack/1"
-
-
-def _float64(name: str, x: object) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not (x.is_floating_point() or x.dtype in (torch.int64, torch.int32, torch.uint8)):
-        raise TypeError(f"{name} must be a real tensor, got {x.dtype}")
-    x = x.detach().to("cpu", torch.float64)
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} has non-finite entries (NaN or inf)")
-    return x
 
 
 @dataclass
@@ -75,7 +65,7 @@ class LayerStack:
             raise TypeError("weights must be a list of matrices [out_i, in_i]")
         if len(self.weights) == 0:
             raise ValueError("a LayerStack needs at least one weight matrix")
-        weights = [_float64(f"weights[{i}]", W) for i, W in enumerate(self.weights)]
+        weights = [as_float64(f"weights[{i}]", W) for i, W in enumerate(self.weights)]
         for i, W in enumerate(weights):
             if W.ndim != 2 or 0 in W.shape:
                 raise ValueError(f"weights[{i}] must be a non-empty matrix, got {tuple(W.shape)}")
@@ -89,14 +79,14 @@ class LayerStack:
         biases: list[Tensor | None] = []
         for i, (b, W) in enumerate(zip(self.biases, weights, strict=True)):
             if b is not None:
-                b = _float64(f"biases[{i}]", b)
+                b = as_float64(f"biases[{i}]", b)
                 if b.shape != (W.shape[0],):
                     raise ValueError(
                         f"biases[{i}] must have shape ({W.shape[0]},) like the rows of "
                         f"weights[{i}], got {tuple(b.shape)}"
                     )
             biases.append(b)
-        inputs = _float64("inputs", self.inputs)
+        inputs = as_float64("inputs", self.inputs)
         if inputs.ndim != 2 or inputs.shape[0] == 0:
             raise ValueError(
                 f"inputs must be a non-empty matrix [m, in_1], got {tuple(inputs.shape)}"
@@ -145,7 +135,7 @@ class LayerStack:
 
     def __call__(self, x: Tensor | None = None) -> Tensor:
         """f(x) [n, out_L] for x [n, in_1] (default: the stored inputs)."""
-        h = self.inputs if x is None else _float64("x", x).reshape(len(x), -1)
+        h = self.inputs if x is None else as_float64("x", x).reshape(len(x), -1)
         for i, (W, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             h = h @ W.T if b is None else torch.addmm(b, h, W.T)
             if i < self.depth - 1 and self.activations[i] == "relu":

@@ -22,15 +22,29 @@ Formulas (docs/math.md §4):
   prediction differs from argmin_k ||h - mu_k||; cosine margin cos(w_y, h - mu_G) -
   max_{k != y} cos(w_k, h - mu_G); nearest-ETF distance ||Hn - U* M_K/sqrt(K)||_F (docs/math.md §2).
   `collapse_metrics` streams all of them over a data loader (`CollapseStatistics`).
+
+Inputs: every float tensor is checked (finite; float16/bfloat16 computed in float32, other
+non-float dtypes a TypeError), and the scale-invariant metrics are computed at an exact
+power-of-two rescaling of their input, so they hold over the whole range of the dtype
+(`nearest_etf._validation`). Metrics of the class means raise ValueError where all class means
+coincide (the centred means vanish to rounding): NC1, the ETF and nearest-ETF distances, NC3 and
+the NCC accuracy and mismatch are undefined there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
+from nearest_etf._validation import (
+    check_float_tensor,
+    coincide,
+    normalise,
+    pow2_scale,
+    scale_safe_norm,
+)
 from nearest_etf.etf import simplex_etf
 from nearest_etf.nearest import nearest_etf, nearest_etf_objective
 from nearest_etf.nn.class_means import check_labels, class_sums
@@ -57,26 +71,93 @@ __all__ = [
 ]
 
 
-def _check_features(features: Tensor, labels: Tensor, num_classes: int) -> None:
+def _check_features(features: object, labels: object, num_classes: int) -> Tensor:
+    """The checked features[N, d] (dtype policy, finite) for integer labels[N] in [0, K)."""
+    features = check_float_tensor("features", features)
     if features.ndim != 2:
         raise ValueError(f"features must have shape [N, d], got {tuple(features.shape)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     check_labels(labels, features.shape[0], num_classes, name="labels")
+    return features
+
+
+def _check_matrix(name: str, x: object) -> Tensor:
+    x = check_float_tensor(name, x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a matrix, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_means(means: object, global_mean: object = None) -> tuple[Tensor, Tensor | None]:
+    """Checked means[K, d] (K >= 2) and global_mean[d] (or None), in their common dtype."""
+    means = check_float_tensor("means", means)
+    if means.ndim != 2 or means.shape[0] < 2:
+        raise ValueError(f"means must have shape [K, d] with K >= 2, got {tuple(means.shape)}")
+    if global_mean is None:
+        return means, None
+    global_mean = check_float_tensor("global_mean", global_mean)
+    if global_mean.shape != means.shape[1:]:
+        raise ValueError(
+            f"global_mean must have shape [{means.shape[1]}], got {tuple(global_mean.shape)}"
+        )
+    dtype = torch.promote_types(means.dtype, global_mean.dtype)
+    return means.to(dtype), global_mean.to(dtype)
+
+
+def _class_mean_rows(x: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """means[K, d] of the rows of x by class; ValueError naming the classes without samples."""
+    sums, counts = class_sums(x, labels, num_classes)
+    if bool((counts == 0).any()):
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"classes {missing} have no samples")
+    return sums / counts.unsqueeze(1)
+
+
+def _centred_means(means: Tensor, global_mean: Tensor | None, what: str) -> tuple[Tensor, Tensor]:
+    """(c Mbar, c): the centred means Mbar = means - global_mean (default: the mean of the
+    means) at the exact power-of-two scale c with max |c means|, |c global_mean| < 1, so nothing
+    overflows; scale-invariant metrics use c Mbar as is. ValueError if all class means coincide
+    (Mbar = 0 to rounding, `coincide`): `what` is undefined."""
+    c = pow2_scale(means, (0, 1))
+    if global_mean is not None:
+        c = torch.minimum(c, pow2_scale(global_mean, 0))
+    scaled = means * c
+    centred = scaled - (scaled.mean(dim=0) if global_mean is None else global_mean * c)
+    if bool(coincide(centred, scaled, (0, 1), means.shape[0])):
+        raise ValueError(
+            f"all class means coincide (the centred means are zero to rounding): {what} is "
+            "undefined"
+        )
+    return centred, c
 
 
 def class_means(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """Class means and global mean of ``features[N, d]``.
 
     Returns ``(means[K, d], global_mean[d])`` with means[k] = mean of the rows of class k
-    (every class must occur) and global_mean = mean of all N rows.
+    (every class must occur) and global_mean = mean of all N rows; the sums are taken at an exact
+    power-of-two scale, so they do not overflow for features near the dtype's maximum.
     """
-    _check_features(features, labels, num_classes)
-    sums, counts = class_sums(features, labels, num_classes)
-    if bool((counts == 0).any()):
-        missing = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"classes {missing} have no samples")
-    return sums / counts.unsqueeze(1), features.mean(dim=0)
+    features = _check_features(features, labels, num_classes)
+    c = pow2_scale(features, (0, 1))
+    x = features * c
+    return _class_mean_rows(x, labels, num_classes) / c, x.mean(dim=0) / c[0]
+
+
+def _shift_and_scale(features: Tensor) -> Tensor:
+    """c (h_i - h_1) with c the exact power-of-two scale of the features (no gradient through
+    h_1 or c): the input of shift- and scale-invariant statistics; constant features give 0."""
+    x = features * pow2_scale(features, (0, 1))
+    return x - x[:1].detach()
+
+
+def _class_means_coincide(features: Tensor, labels: Tensor, num_classes: int) -> bool:
+    """Whether the class means of checked features[N, d] coincide (`coincide`), i.e. NC1, the
+    NCC accuracy and the ETF distances are undefined."""
+    x = _shift_and_scale(features)
+    means = _class_mean_rows(x, labels, num_classes)
+    return bool(coincide(means - x.mean(dim=0), means, (0, 1), num_classes))
 
 
 def nc1(features: Tensor, labels: Tensor, num_classes: int, rtol: float | None = None) -> Tensor:
@@ -85,37 +166,50 @@ def nc1(features: Tensor, labels: Tensor, num_classes: int, rtol: float | None =
     ``rtol`` is the pseudo-inverse cut-off relative to the largest eigenvalue of Sigma_B
     (None: torch's default, eps * d). Computed in the span of the class means, without d x d
     matrices (`_between_whitening`): tr(Sigma_W Sigma_B^+) / K = (1/N) ||(H - M_y) P||_F^2.
+    NC1 is invariant to shifting and scaling the features, and is computed on features shifted
+    by the first row and rescaled by an exact power of two (no overflow or underflow at any
+    scale). ValueError if all class means coincide (Sigma_B = 0: NC1 undefined).
     """
-    means, global_mean = class_means(features, labels, num_classes)
-    within = (features - means[labels]) @ _between_whitening(means - global_mean, rtol)
+    features = _check_features(features, labels, num_classes)
+    x = _shift_and_scale(features)
+    means = _class_mean_rows(x, labels, num_classes)
+    centred, c = _centred_means(means, x.mean(dim=0), "NC1")
+    within = ((x - means[labels]) * c) @ _between_whitening(centred, rtol)
     return within.square().sum() / features.shape[0]
 
 
 def _between_whitening(centred_means: Tensor, rtol: float | None) -> Tensor:
     """P = Q_r S_r^{-1} [d, r] from the thin SVD centred_means[K, d] = L S Q^T over the kept
-    directions s_i^2 > rtol s_1^2 (rtol None: eps * d, torch.linalg.pinv's default on
-    Sigma_B). With Sigma_B = B^T B / K for B = centred_means, Sigma_B^+ = K P P^T, so
-    tr(Sigma_W Sigma_B^+) / K = tr(P^T Sigma_W P)."""
+    directions s_i^2 > rtol s_1^2, tested as s_i > sqrt(rtol) s_1 (no squares to underflow;
+    rtol None: eps * d, torch.linalg.pinv's default on Sigma_B). With Sigma_B = B^T B / K for
+    B = centred_means, Sigma_B^+ = K P P^T, so tr(Sigma_W Sigma_B^+) / K = tr(P^T Sigma_W P)."""
     _, s, Qt = torch.linalg.svd(centred_means, full_matrices=False)
     cutoff = torch.finfo(s.dtype).eps * centred_means.shape[1] if rtol is None else rtol
-    keep = s.square() > cutoff * s[0].square()
+    keep = s > cutoff**0.5 * s[0]
     return Qt[keep].mT / s[keep]
 
 
 def singular_values(M: Tensor) -> Tensor:
     """Singular values of a matrix M[m, n], in decreasing order (length min(m, n))."""
-    if M.ndim != 2:
-        raise ValueError(f"expected a matrix, got shape {tuple(M.shape)}")
-    return torch.linalg.svdvals(M)
+    return torch.linalg.svdvals(_check_matrix("M", M))
+
+
+def _scaled_singular_values(M: Tensor) -> Tensor:
+    """Singular values of c M (c the exact power-of-two scale of M): for scale-invariant uses."""
+    M = _check_matrix("M", M)
+    return torch.linalg.svdvals(M * pow2_scale(M, (0, 1))) if M.numel() else M.new_zeros(0)
 
 
 def numerical_rank(M: Tensor, rtol: float = 1e-3) -> int:
     """#{i : s_i > rtol * s_max} for the singular values s of M[m, n] (0 for M = 0)."""
-    return rank_of_singular_values(singular_values(M), rtol)
+    return rank_of_singular_values(_scaled_singular_values(M), rtol)
 
 
 def rank_of_singular_values(s: Tensor, rtol: float = 1e-3) -> int:
     """#{i : s_i > rtol * s_max} for singular values s[r] in decreasing order (0 if all zero)."""
+    s = check_float_tensor("s", s)
+    if s.ndim != 1:
+        raise ValueError(f"s must be a vector of singular values, got shape {tuple(s.shape)}")
     if not rtol > 0:
         raise ValueError(f"rtol must be positive, got {rtol}")
     if s.numel() == 0 or float(s[0]) == 0.0:
@@ -125,7 +219,7 @@ def rank_of_singular_values(s: Tensor, rtol: float = 1e-3) -> int:
 
 def effective_rank(M: Tensor) -> float:
     """Roy & Vetterli entropy effective rank exp(H(p)), p = s / sum(s), of M[m, n]."""
-    s = singular_values(M)
+    s = _scaled_singular_values(M)
     total = s.sum()
     if float(total) == 0.0:
         raise ValueError("the effective rank of a zero matrix is undefined")
@@ -133,15 +227,17 @@ def effective_rank(M: Tensor) -> float:
     return float(torch.exp(-(p * torch.log(p)).sum()))
 
 
-def _normalised_gram(means: Tensor) -> Tensor:
-    if means.ndim != 2 or means.shape[0] < 2:
-        raise ValueError(f"means must have shape [K, d] with K >= 2, got {tuple(means.shape)}")
-    peak = means.abs().max()
-    if float(peak) == 0.0:
-        raise ValueError("all class means coincide (zero Gram matrix): distance undefined")
-    scaled = means / peak  # the normalised Gram is scale invariant; this avoids underflow
-    gram = scaled @ scaled.T
-    return gram / torch.linalg.matrix_norm(gram)
+def _gram_distance(rows: Tensor, target: Tensor) -> Tensor:
+    """|| G/||G|| - target ||_F for G = rows rows^T (rows nonzero), at an exact power-of-two
+    scale of the rows (the normalised Gram is scale invariant)."""
+    scaled = rows * pow2_scale(rows, (0, 1))
+    return torch.linalg.matrix_norm(normalise(scaled @ scaled.T, (0, 1)) - target)
+
+
+def _unit_etf_gram(K: int, like: Tensor) -> Tensor:
+    """M_K / ||M_K||_F = C / sqrt(K - 1), the normalised Gram of any simplex ETF."""
+    etf = simplex_etf(K, dtype=like.dtype, device=like.device)
+    return etf / torch.linalg.matrix_norm(etf)
 
 
 def etf_distance(means: Tensor, global_mean: Tensor | None = None) -> Tensor:
@@ -149,19 +245,22 @@ def etf_distance(means: Tensor, global_mean: Tensor | None = None) -> Tensor:
 
     ``global_mean`` defaults to the mean of the class means (the global mean for balanced
     classes). The result lies in [0, 2] and is invariant to rotations and scaling of the means.
+    ValueError if all class means coincide (Mbar = 0).
     """
-    centre = means.mean(dim=0) if global_mean is None else global_mean
-    gram = _normalised_gram(means - centre)
-    etf = simplex_etf(means.shape[0], dtype=means.dtype, device=means.device)
-    return torch.linalg.matrix_norm(gram - etf / torch.linalg.matrix_norm(etf))
+    means, global_mean = _check_means(means, global_mean)
+    centred, _ = _centred_means(means, global_mean, "the ETF distance")
+    return _gram_distance(centred, _unit_etf_gram(means.shape[0], centred))
 
 
 def orthogonal_frame_distance(means: Tensor) -> Tensor:
-    """|| M M^T/||M M^T|| - I_K/sqrt(K) ||_F for the uncentred class means M = means[K, d]."""
-    gram = _normalised_gram(means)
+    """|| M M^T/||M M^T|| - I_K/sqrt(K) ||_F for the uncentred class means M = means[K, d]
+    (ValueError if M = 0)."""
+    means, _ = _check_means(means)
+    if float(means.abs().max()) == 0.0:
+        raise ValueError("all class means are zero (zero Gram matrix): distance undefined")
     K = means.shape[0]
     eye = torch.eye(K, dtype=means.dtype, device=means.device)
-    return torch.linalg.matrix_norm(gram - eye / K**0.5)
+    return _gram_distance(means, eye / K**0.5)
 
 
 # --- Classifier and collapse metrics (NC2 for W, NC3, bias collapse, NCC mismatch, margins),
@@ -169,8 +268,9 @@ def orthogonal_frame_distance(means: Tensor) -> Tensor:
 
 
 def _check_classifier(
-    weight: Tensor, num_features: int | None = None, num_classes: int | None = None
-) -> None:
+    weight: object, num_features: int | None = None, num_classes: int | None = None
+) -> Tensor:
+    weight = check_float_tensor("weight", weight)
     if weight.ndim != 2 or weight.shape[0] < 2:
         raise ValueError(f"weight must have shape [K, d] with K >= 2, got {tuple(weight.shape)}")
     if num_features is not None and weight.shape[1] != num_features:
@@ -179,57 +279,86 @@ def _check_classifier(
         )
     if num_classes is not None and weight.shape[0] != num_classes:
         raise ValueError(f"weight has {weight.shape[0]} rows but there are {num_classes} classes")
+    return weight
 
 
-def _centred(means: Tensor, global_mean: Tensor | None) -> Tensor:
-    return means - (means.mean(dim=0) if global_mean is None else global_mean)
+def _check_nonzero_classifier(weight: Tensor, what: str) -> None:
+    if float(weight.detach().abs().max()) == 0.0:
+        raise ValueError(f"weight is zero: {what} is undefined")
 
 
 def classifier_etf_distance(weight: Tensor) -> Tensor:
     """NC2 of the classifier: || W W^T/||W W^T|| - M_K/||M_K|| ||_F for weight W[K, d]
-    (uncentred rows; 0 iff W is a scaled simplex ETF)."""
-    _check_classifier(weight)
-    return etf_distance(weight, torch.zeros_like(weight[0]))
+    (uncentred rows; 0 iff W is a scaled simplex ETF). ValueError if W = 0."""
+    weight = _check_classifier(weight)
+    _check_nonzero_classifier(weight, "the classifier's ETF distance")
+    return _gram_distance(weight, _unit_etf_gram(weight.shape[0], weight))
 
 
 def self_duality(weight: Tensor, means: Tensor, global_mean: Tensor | None = None) -> Tensor:
     """NC3 = || W/||W|| - Mbar/||Mbar|| ||_F^2 with W[K, d] and the centred means
-    Mbar = means[K, d] - global_mean (default: mean of the means); in [0, 4]."""
-    _check_classifier(weight, means.shape[1], means.shape[0])
-    centred = _centred(means, global_mean)
-    return (
-        (weight / torch.linalg.matrix_norm(weight) - centred / torch.linalg.matrix_norm(centred))
-        .square()
-        .sum()
-    )
+    Mbar = means[K, d] - global_mean (default: mean of the means); in [0, 4]. Both
+    normalisations are scale-safe; ValueError if W = 0 or all class means coincide."""
+    means, global_mean = _check_means(means, global_mean)
+    weight = _check_classifier(weight, means.shape[1], means.shape[0])
+    _check_nonzero_classifier(weight, "NC3")
+    centred, _ = _centred_means(means, global_mean, "NC3")
+    return (normalise(weight, (0, 1)) - normalise(centred, (0, 1))).square().sum()
 
 
 def bias_collapse(weight: Tensor, bias: Tensor | None, global_mean: Tensor) -> Tensor:
     """|| W mu_G + b ||_2 (0 when the bias cancels the global mean), W[K, d], b[K], mu_G[d]."""
-    _check_classifier(weight, global_mean.shape[-1])
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    global_mean = check_float_tensor("global_mean", global_mean)
+    weight = _check_classifier(weight, global_mean.shape[-1])
     value = weight @ global_mean
-    return torch.linalg.vector_norm(value if bias is None else value + bias)
+    if bias is not None:
+        bias = check_float_tensor("bias", bias)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+        value = value + bias
+    return scale_safe_norm(value, 0)
 
 
 def equinorm(rows: Tensor) -> Tensor:
     """std/mean of the row norms ||r_k|| of rows[K, d] (population std; 0 iff equal norms).
-    Pass centred means (means - mu_G) or the classifier W."""
-    norms = torch.linalg.vector_norm(rows, dim=1)
+    Pass centred means (means - mu_G) or the classifier W. Scale invariant (computed at an exact
+    power-of-two scale); ValueError if every row is zero."""
+    rows = _check_matrix("rows", rows)
+    norms = torch.linalg.vector_norm(rows * pow2_scale(rows, (0, 1)), dim=1)
+    if float(norms.max()) == 0.0:
+        raise ValueError("every row is zero: the equinorm std/mean is undefined")
     return norms.std(correction=0) / norms.mean()
 
 
 def _ncc_predictions(features: Tensor, means: Tensor) -> Tensor:
-    """argmin_k ||h_i - mu_k||^2 = argmin_k (||mu_k||^2 - 2 <h_i, mu_k>), shape [N]."""
-    return (means.square().sum(1) - 2 * features @ means.T).argmin(dim=1)
+    """argmin_k ||h_i - mu_k||^2 = argmin_k (||mu_k||^2 - 2 <h_i, mu_k>), shape [N], computed
+    at one exact power-of-two scale of features and means (the argmin is scale invariant)."""
+    c = torch.minimum(pow2_scale(features, (0, 1)), pow2_scale(means, (0, 1)))
+    x, m = features * c, means * c
+    return (m.square().sum(1) - 2 * x @ m.T).argmin(dim=1)
+
+
+def _check_ncc_means(means: object, num_classes: int, features: Tensor, what: str) -> Tensor:
+    """Checked means[K, d] for features[N, d] (same dtype) that do not all coincide."""
+    means = check_float_tensor("means", means)
+    if means.shape != (num_classes, features.shape[1]):
+        raise ValueError(
+            f"means must have shape ({num_classes}, {features.shape[1]}), got {tuple(means.shape)}"
+        )
+    if means.dtype != features.dtype:
+        raise TypeError(f"means has dtype {means.dtype} but features have {features.dtype}")
+    _centred_means(means, None, what)
+    return means
 
 
 def ncc_mismatch(features: Tensor, predictions: Tensor, means: Tensor) -> float:
     """NC4: percent of samples whose predicted class (`predictions[N]`, e.g. argmax of the
-    logits) differs from the nearest class centre argmin_k ||h_i - mu_k|| (means[K, d])."""
-    if predictions.shape != features.shape[:1]:
-        raise ValueError(f"predictions must have shape [{features.shape[0]}]")
+    logits) differs from the nearest class centre argmin_k ||h_i - mu_k|| (means[K, d]).
+    ValueError if all class means coincide (every distance ties)."""
+    features = _check_matrix("features", features)
+    means = _check_matrix("means", means)
+    means = _check_ncc_means(means, means.shape[0], features, "the NCC mismatch")
+    check_labels(predictions, features.shape[0], means.shape[0], name="predictions")
     return 100.0 * float((_ncc_predictions(features, means) != predictions).double().mean())
 
 
@@ -238,18 +367,12 @@ def ncc_accuracy(
 ) -> float:
     """Nearest-class-centre accuracy, the fraction in [0, 1] of samples with
     argmin_k ||h_i - mu_k|| = y_i, for features[N, d], labels[N] and class means[K, d]
-    (default: the class means of these features, `class_means`)."""
+    (default: the class means of these features, `class_means`). ValueError if all class means
+    coincide (every distance ties)."""
+    features = _check_features(features, labels, num_classes)
     if means is None:
-        means, _ = class_means(features, labels, num_classes)  # checks features and labels
-    else:
-        _check_features(features, labels, num_classes)
-        if means.shape != (num_classes, features.shape[1]):
-            raise ValueError(
-                f"means must have shape ({num_classes}, {features.shape[1]}), "
-                f"got {tuple(means.shape)}"
-            )
-        if means.dtype != features.dtype:
-            raise TypeError(f"means has dtype {means.dtype} but features have {features.dtype}")
+        means, _ = class_means(features, labels, num_classes)
+    means = _check_ncc_means(means, num_classes, features, "the NCC accuracy")
     return float((_ncc_predictions(features, means) == labels).double().mean())
 
 
@@ -257,12 +380,15 @@ def _cosine_margins(
     features: Tensor, labels: Tensor, weight: Tensor, global_mean: Tensor | None
 ) -> Tensor:
     """cos(w_{y_i}, h_i - c) - max_{k != y_i} cos(w_k, h_i - c) per sample, c = global_mean
-    (0 if None); shape [N]."""
-    centred = features if global_mean is None else features - global_mean
-    cos = (
-        torch.nn.functional.normalize(centred, dim=1)
-        @ torch.nn.functional.normalize(weight, dim=1).T
-    )
+    (0 if None); shape [N]. Rows are normalised scale-safely (`normalise`); a zero row (h_i = c,
+    or w_k = 0) has cosine 0 with every vector."""
+    centred = features
+    if global_mean is not None:
+        dtype = torch.promote_types(features.dtype, global_mean.dtype)
+        features, global_mean = features.to(dtype), global_mean.to(dtype)
+        c = torch.minimum(pow2_scale(features, (0, 1)), pow2_scale(global_mean, 0))
+        centred = features * c - global_mean * c
+    cos = normalise(centred, 1) @ normalise(weight, 1).T
     true = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
     others = cos.scatter(1, labels.unsqueeze(1), float("-inf")).amax(dim=1)
     return true - others
@@ -273,18 +399,28 @@ def cosine_margin(
 ) -> Tensor:
     """Average cosine margin mean_i [cos(w_{y_i}, h_i - c) - max_{k != y_i} cos(w_k, h_i - c)]
     for features[N, d], labels[N], classifier rows weight[K, d], c = global_mean (0 if None);
-    positive iff on average the true class's direction is the closest."""
-    _check_features(features, labels, weight.shape[0])
-    _check_classifier(weight, features.shape[1])
+    positive iff on average the true class's direction is the closest. A zero row (h_i = c or
+    w_k = 0) has cosine 0 with every vector."""
+    features = _check_matrix("features", features)
+    weight = _check_classifier(weight, features.shape[1])
+    features = _check_features(features, labels, weight.shape[0])
+    if global_mean is not None:
+        global_mean = check_float_tensor("global_mean", global_mean)
+        if global_mean.shape != features.shape[1:]:
+            raise ValueError(
+                f"global_mean must have shape [{features.shape[1]}], got {tuple(global_mean.shape)}"
+            )
     return _cosine_margins(features, labels, weight, global_mean).mean()
 
 
 def nearest_etf_distance(means: Tensor, global_mean: Tensor | None = None) -> Tensor:
     """|| Hn - U* M_K/sqrt(K) ||_F with Hn = Mbar^T/||Mbar|| (centred means as columns) and U*
     its nearest simplex ETF frame (`nearest_etf`, feasibility solve): the distance from the
-    normalised centred means to the closest unit-norm simplex ETF, in [0, 2]. Needs d >= K."""
-    H = _centred(means, global_mean).mT
-    Hn = H / torch.linalg.matrix_norm(H)
+    normalised centred means to the closest unit-norm simplex ETF, in [0, 2]. Needs d >= K;
+    ValueError if all class means coincide."""
+    means, global_mean = _check_means(means, global_mean)
+    centred, _ = _centred_means(means, global_mean, "the nearest-ETF distance")
+    Hn = normalise(centred.mT, (0, 1))
     U = nearest_etf(Hn.detach())
     return nearest_etf_objective(Hn, U).clamp_min(0).sqrt()
 
@@ -307,19 +443,26 @@ class CollapseStatistics:
         self.shift: Tensor | None = None
 
     def update(self, features: Tensor, labels: Tensor) -> None:
-        """Add a batch features[N, d], labels[N]."""
-        _check_features(features, labels, self.num_classes)
+        """Add a batch features[N, d], labels[N] (checked: dtype policy, finite). ValueError,
+        leaving the statistics unchanged, if the batch's float64 sums or scatter overflow
+        (entries beyond ~1e154)."""
+        features = _check_features(features, labels, self.num_classes)
         if features.shape[1] != self.num_features:
             raise ValueError(f"features must have width {self.num_features}")
         x = features.detach().to(device="cpu", dtype=torch.float64)
         y = labels.detach().cpu()
-        if self.shift is None:
-            self.shift = x.mean(dim=0)
+        shift = x.mean(dim=0) if self.shift is None else self.shift
         sums, counts = class_sums(x, y, self.num_classes)
+        sums = self.sums + sums
+        centred = x - shift
+        scatter = self.scatter + centred.T @ centred
+        if not bool(torch.isfinite(scatter).all() & torch.isfinite(sums).all()):
+            raise ValueError(
+                "the feature statistics overflow float64 (entries beyond ~1e154): rescale the "
+                "features"
+            )
+        self.shift, self.sums, self.scatter = shift, sums, scatter
         self.counts += counts
-        self.sums += sums
-        centred = x - self.shift
-        self.scatter += centred.T @ centred
 
     def means(self) -> tuple[Tensor, Tensor]:
         """(means[K, d], global_mean[d]); every class must have been seen."""
@@ -349,41 +492,66 @@ def collapse_metrics(
 ) -> dict[str, float]:
     """All collapse metrics of a data set, streamed in two passes over `batches`.
 
-    `batches` yields (features[N, d], logits[N, K], labels[N]) and must be re-iterable (a list,
-    or an object whose __iter__ runs the model over a DataLoader); features are those the
-    classifier (weight[K, d], bias[K] or None) acts on. Pass 1 accumulates `CollapseStatistics`;
-    pass 2 the accuracy, NCC mismatch and cosine margins. Returns floats: accuracy (%), nc1,
-    nc2_means (`etf_distance`), nc2_classifier, nc3, bias_collapse, ncc_mismatch (%),
-    equinorm_means, equinorm_classifier, cosine_margin, nearest_etf_distance (NaN if d < K),
-    effective_rank (of the centred means); with `loss_fn(logits, labels)` (mean-reduced) also
-    loss, its mean over the samples.
+    `batches` yields (features[N, d], logits[N, K], labels[N]) and must be re-iterable, yielding
+    the same samples on each pass (a list, or an object whose __iter__ runs the model over a
+    DataLoader); a one-shot iterator such as a generator raises TypeError, and a second pass
+    with other class counts than the first raises ValueError. Features are those the classifier
+    (weight[K, d], bias[K] or None) acts on. Pass 1 accumulates `CollapseStatistics`; pass 2
+    the accuracy, NCC mismatch and cosine margins. Every tensor is checked (dtype policy,
+    finite; NaN logits raise). Returns floats: accuracy (%), nc1, nc2_means (`etf_distance`),
+    nc2_classifier, nc3, bias_collapse, ncc_mismatch (%), equinorm_means, equinorm_classifier,
+    cosine_margin, nearest_etf_distance (NaN if d < K), effective_rank (of the centred means);
+    with `loss_fn(logits, labels)` (mean-reduced) also loss, its mean over the samples.
+    ValueError if all class means coincide (the metrics are undefined).
     """
+    if isinstance(batches, Iterator):
+        raise TypeError(
+            f"collapse_metrics makes two passes over batches, but got a one-shot iterator "
+            f"({type(batches).__name__}); pass a re-iterable: a list of batches, or an object "
+            "whose __iter__ starts a new pass (e.g. over a DataLoader)"
+        )
     stats: CollapseStatistics | None = None
     for features, _, labels in batches:
         if stats is None:
-            stats = CollapseStatistics(features.shape[1], num_classes)
+            stats = CollapseStatistics(_check_matrix("features", features).shape[1], num_classes)
         stats.update(features, labels)
     if stats is None:
         raise ValueError("collapse_metrics got no batches")
-    _check_classifier(weight, stats.num_features, num_classes)
+    d = stats.num_features
+    weight = _check_classifier(weight, d, num_classes)
+    W = weight.detach().to(device="cpu", dtype=torch.float64)
+    b = None if bias is None else check_float_tensor("bias", bias).detach().to("cpu", torch.float64)
     means, global_mean = stats.means()
+    _centred_means(means, global_mean, "the collapse metrics")
     sigma_w, _ = stats.covariances()
     whitening = _between_whitening(means - global_mean, rtol)
-    W = weight.detach().to(device="cpu", dtype=torch.float64)
-    b = None if bias is None else bias.detach().to(device="cpu", dtype=torch.float64)
     correct = mismatched = margin = loss = 0.0
+    counts = torch.zeros_like(stats.counts)
     for features, logits, labels in batches:
+        features = _check_features(features, labels, num_classes)
+        logits = _check_matrix("logits", logits)
+        if features.shape[1] != d or logits.shape != (len(features), num_classes):
+            raise ValueError(
+                f"pass 2 got features {tuple(features.shape)} and logits {tuple(logits.shape)}; "
+                f"expected [N, {d}] and [N, {num_classes}]"
+            )
         if loss_fn is not None:
             loss += float(loss_fn(logits, labels.to(logits.device))) * len(labels)
         x = features.detach().to(device="cpu", dtype=torch.float64)
         y = labels.detach().cpu()
+        counts += torch.bincount(y, minlength=num_classes)
         predictions = logits.detach().argmax(dim=1).cpu()
         correct += float((predictions == y).sum())
         mismatched += float((_ncc_predictions(x, means) != predictions).sum())
         margin += float(_cosine_margins(x, y, W, global_mean).sum())
+    if not torch.equal(counts, stats.counts):
+        raise ValueError(
+            f"batches yielded other samples in the second pass (class counts "
+            f"{stats.counts.long().tolist()}, then {counts.long().tolist()}): collapse_metrics "
+            "needs a re-iterable that yields the same data on every pass"
+        )
     total = float(stats.counts.sum())
     centred = means - global_mean
-    d = stats.num_features
     return {
         "accuracy": 100.0 * correct / total,
         "nc1": float(torch.trace(whitening.mT @ sigma_w @ whitening)),

@@ -6,18 +6,22 @@ For each chosen module l with outputs h^l_i (flattened to [N, d_l]) on inputs x_
     NCC accuracy_l = (1/N) #{i : argmin_k ||h^l_i - mu^l_k|| = y_i}   (`metrics.ncc_accuracy`)
     NC1_l          = tr(Sigma_W^l (Sigma_B^l)^+) / K                  (`metrics.nc1`)
 
-with the class means mu^l_k of the same samples. The effective depth is the first layer whose
-NCC accuracy reaches a threshold.
+with the class means mu^l_k of the same samples; both are NaN (undefined) for a layer whose class
+means coincide, e.g. a dead layer with constant outputs. The effective depth is the first layer
+whose NCC accuracy reaches a threshold.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from nearest_etf.metrics.collapse import nc1, ncc_accuracy
+from nearest_etf._validation import check_float_tensor
+from nearest_etf.metrics.collapse import _class_means_coincide, nc1, ncc_accuracy
+from nearest_etf.nn.class_means import check_labels
 
 __all__ = ["effective_depth", "layer_collapse", "layer_outputs"]
 
@@ -67,18 +71,26 @@ def layer_collapse(
     batch_size: int = 1024,
 ) -> dict[str, dict[str, float]]:
     """{name: {"ncc_accuracy": fraction in [0, 1], "nc1": NC1}} of each chosen layer's outputs
-    on (x [N, ...], y [N]), class means from the same samples (see the module docstring)."""
+    on (x [N, ...], y [N]), class means from the same samples (see the module docstring): both
+    NaN where the layer's class means coincide. ValueError naming the layer if its outputs have
+    NaN or inf entries."""
     outputs = layer_outputs(model, names, x, batch_size)
+    check_labels(y, len(x), num_classes, name="y")
     labels = y.to("cpu", torch.int64)
-    return {
-        name: {
-            "ncc_accuracy": ncc_accuracy(h, labels, num_classes),
-            "nc1": float(nc1(h, labels, num_classes)),
-        }
-        for name, h in outputs.items()
-    }
+    result = {}
+    for name, h in outputs.items():
+        h = check_float_tensor(f"the outputs of layer {name!r}", h)
+        if _class_means_coincide(h, labels, num_classes):
+            result[name] = {"ncc_accuracy": math.nan, "nc1": math.nan}
+        else:
+            result[name] = {
+                "ncc_accuracy": ncc_accuracy(h, labels, num_classes),
+                "nc1": float(nc1(h, labels, num_classes)),
+            }
+    return result
 
 
 def effective_depth(ncc_accuracies: Sequence[float], threshold: float = 0.9) -> int | None:
-    """Index (0-based) of the first layer with NCC accuracy >= threshold, None if none."""
+    """Index (0-based) of the first layer with NCC accuracy >= threshold, None if none (a NaN
+    accuracy, an undefined layer, never reaches it)."""
     return next((i for i, a in enumerate(ncc_accuracies) if a >= threshold), None)

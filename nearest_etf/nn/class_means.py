@@ -5,15 +5,28 @@ Per training batch with features h_i (rows) and labels y_i:
     n_k = #{i : y_i = k},  mu_k = (1/n_k) sum_{y_i = k} h_i,  mu_G = (1/N) sum_i h_i
 
 (sums and counts all-reduced over the ranks when torch.distributed is initialised, so every rank
-sees the statistics of the union of the ranks' batches). The tracked centred class means are
+sees the statistics of the union of the ranks' batches). With P the classes present in the batch,
+each batch's centred means enter in units of their root-mean-square norm
 
-    Hbar_k <- alpha_k (mu_k - mu_G) + (1 - alpha_k) Hbar_k.detach()   for the classes in the batch
-    Hbar_k <- Hbar_k.detach()                                           for the others
+    D_k = (mu_k - mu_G) / r,   r = sqrt((1/|P|) sum_{k in P} ||mu_k - mu_G||^2)
+
+(D = 0 when the batch's centred means vanish to rounding, e.g. a batch of one class), and the
+tracked means are
+
+    Hbar_k <- alpha_k D_k + (1 - alpha_k) Hbar_k.detach()   for the classes in the batch
+    Hbar_k <- Hbar_k.detach()                               for the others
 
 with t_k the number of batches class k has appeared in (this one included) and
-alpha_k = max(2/(t_k + 1), min_alpha) ("ema"), 1/t_k ("cma", the mean of the per-batch centred
-means) or 1 ("none": the current batch's means). A class never seen keeps Hbar_k = 0 (its mean is
-taken to be mu_G). The output is Hbar / ||Hbar||_F; gradients reach only the current batch.
+alpha_k = max(2/(t_k + 1), min_alpha) ("ema"), 1/t_k ("cma", the mean of the per-batch D) or 1
+("none": the current batch's D). A class never seen keeps Hbar_k = 0 (its mean is taken to be
+mu_G). The output is Hbar / ||Hbar||_F; gradients reach only the current batch (through D,
+r included).
+
+The division by r makes the tracker invariant to the scale of each batch: a batch whose features
+are 1e18 times larger than the others moves Hbar exactly as it would at their scale, instead of
+dominating a moving average of raw means for ~40/alpha steps. In a stream of constant feature
+scale r is the same up to sampling noise, and the output (normalised, so scale free) is that of
+the moving average of the raw centred means. Hbar is dimensionless (rows of norm ~1).
 """
 
 from __future__ import annotations
@@ -24,7 +37,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from nearest_etf._validation import check_choice, check_float_tensor
+from nearest_etf._validation import (
+    check_choice,
+    check_float_tensor,
+    coincide,
+    normalise,
+    pow2_scale,
+)
 
 __all__ = [
     "AVERAGES",
@@ -74,8 +93,9 @@ def distributed_sum(x: Tensor) -> Tensor:
 def check_batch(
     features: object, labels: object, num_features: int, num_classes: int
 ) -> tuple[Tensor, Tensor | None]:
-    """Check features[N, num_features] (float32/64, finite) and, unless None, integer
-    labels[N] in [0, num_classes); raise TypeError/ValueError naming the problem."""
+    """Check features[N, num_features] (finite; float16/bfloat16 returned as float32, other
+    non-float dtypes rejected: `check_float_tensor`) and, unless None, integer labels[N] in
+    [0, num_classes); raise TypeError/ValueError naming the problem."""
     features = check_float_tensor("features", features)
     if features.ndim != 2:
         raise ValueError(f"features must have shape [N, d], got {tuple(features.shape)}")
@@ -125,7 +145,8 @@ def class_sums(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tens
 class TrackerUpdate:
     """The result of `ClassMeanTracker.compute`, not yet written into the tracker's buffers.
 
-    means: [K, d] the new tracked centred means Hbar (with gradient through this batch);
+    means: [K, d] the new tracked centred means Hbar (dimensionless, see the module docstring;
+    with gradient through this batch);
     normalised: Hbar / ||Hbar||_F; global_mean: [d] mu_G of the (all-ranks) batch;
     appearances: [K] the new t_k."""
 
@@ -177,31 +198,44 @@ class ClassMeanTracker(nn.Module):
 
     def compute(self, features: Tensor, labels: Tensor) -> TrackerUpdate:
         """The update for one batch (features[N, d], labels[N] in [0, K)), without touching the
-        buffers: raises ValueError if the tracked means would all be zero. The inputs are
-        assumed to have passed `check_batch`."""
+        buffers. ValueError for an empty batch, for class sums that overflow the dtype, and if
+        the tracked means would all be zero. The inputs are assumed to have passed
+        `check_batch`."""
         K = self.num_classes
         sums, counts = class_sums(features, labels, K)
         stats = distributed_sum(torch.cat([sums, counts.unsqueeze(1)], dim=1))
         sums, counts = stats[:, :-1], stats[:, -1]
         total = counts.sum()
-        if not bool(total > 0):
-            raise ValueError("empty training batch (no samples on any rank)")
-        global_mean = sums.sum(0) / total
         present = counts > 0
-        batch_means = sums / counts.clamp_min(1).unsqueeze(1) - global_mean
+        global_mean = sums.sum(0) / total
+        batch_means = sums / counts.clamp_min(1).unsqueeze(1)  # zero rows for absent classes
+        centred = (batch_means - global_mean) * present.unsqueeze(1)  # and here too
+        vanish = coincide(centred, batch_means, (0, 1), total)
+        size, finite, vanishes = torch.stack(
+            [total, torch.isfinite(centred).all(), vanish]
+        ).tolist()  # one host sync
+        if not size > 0:
+            raise ValueError("empty training batch (no samples on any rank)")
+        if not finite:
+            raise ValueError(
+                f"the batch's class sums overflow {features.dtype} (features up to "
+                f"{float(features.detach().abs().max()):.3g}): rescale the features"
+            )
+        if vanishes:
+            batch = torch.zeros_like(centred)
+        else:  # D = centred / r, at an exact power-of-two scale: no overflow or underflow
+            scaled = centred * pow2_scale(centred, (0, 1))
+            batch = scaled / (scaled.square().sum() / present.sum()).sqrt()
         appearances = self.appearances + present.long()
         alpha = self._alpha(appearances.clamp_min(1), features.dtype).unsqueeze(1)
         previous = self.means.detach().to(features.dtype)
-        means = torch.where(
-            present.unsqueeze(1), alpha * batch_means + (1 - alpha) * previous, previous
-        )
-        norm = torch.linalg.matrix_norm(means)
-        if not bool(norm > 0):
+        means = torch.where(present.unsqueeze(1), alpha * batch + (1 - alpha) * previous, previous)
+        if not bool(means.detach().abs().amax() > 0):
             raise ValueError(
                 "all tracked class means coincide with the global mean (zero centred means): "
                 "the features carry no class information yet"
             )
-        return TrackerUpdate(means, means / norm, global_mean, appearances)
+        return TrackerUpdate(means, normalise(means, (0, 1)), global_mean, appearances)
 
     @torch.no_grad()
     def commit(self, update: TrackerUpdate) -> None:

@@ -22,19 +22,23 @@ def _stream(K: int = 4, d: int = 3, steps: int = 6, seed: int = 0):
     return batches
 
 
+def _batch_units(X: np.ndarray, y: np.ndarray, K: int) -> dict[int, np.ndarray]:
+    """{k: (mu_k - mu_G) / r} for the classes present, r the RMS norm of those centred means."""
+    mu_g = X.mean(axis=0)
+    centred = {k: X[y == k].mean(axis=0) - mu_g for k in range(K) if (y == k).any()}
+    r = np.sqrt(np.mean([np.sum(c**2) for c in centred.values()]))
+    return {k: c / r for k, c in centred.items()}
+
+
 def _oracle(batches, K: int, d: int, rule: str, min_alpha: float = 1e-4) -> np.ndarray:
-    """docs/math.md §3 with a loop over classes, in numpy."""
+    """The module docstring's update with a loop over classes, in numpy."""
     H = np.zeros((K, d))
     t = np.zeros(K, dtype=int)
     for features, labels in batches:
-        X, y = features.numpy(), labels.numpy()
-        mu_g = X.mean(axis=0)
-        for k in range(K):
-            if not (y == k).any():
-                continue
+        for k, D_k in _batch_units(features.numpy(), labels.numpy(), K).items():
             t[k] += 1
             alpha = {"ema": max(2 / (t[k] + 1), min_alpha), "cma": 1 / t[k], "none": 1.0}[rule]
-            H[k] = alpha * (X[y == k].mean(axis=0) - mu_g) + (1 - alpha) * H[k]
+            H[k] = alpha * D_k + (1 - alpha) * H[k]
     return H
 
 
@@ -50,21 +54,19 @@ def test_tracker_matches_loop_oracle(rule):
     assert tracker.appearances.tolist() == [5, 6, 6, 3]
 
 
-def test_cma_is_mean_of_per_batch_centred_means_and_none_is_last_seen():
+def test_cma_is_mean_of_per_batch_units_and_none_is_last_seen():
     batches = _stream(steps=5)
     cma = ClassMeanTracker(3, 4, average="cma").to(F64)
     none = ClassMeanTracker(3, 4, average="none").to(F64)
     for features, labels in batches:
         cma(features, labels)
         none(features, labels)
-    f, y = batches[-1]
-    centred = [
-        f[y == 3].mean(0) - f.mean(0) for f, y in batches if bool((y == 3).any())
-    ]  # class 3 appears in the last two batches
-    torch.testing.assert_close(cma.means[3], torch.stack(centred).mean(0))
-    torch.testing.assert_close(none.means[1], f[y == 1].mean(0) - f.mean(0))
-    f3, y3 = batches[3]  # class 0 is absent from batch 4: keeps its batch-3 value
-    torch.testing.assert_close(none.means[0], f3[y3 == 0].mean(0) - f3.mean(0))
+    units = [_batch_units(f.numpy(), y.numpy(), 4) for f, y in batches]
+    class3 = [u[3] for u in units if 3 in u]  # class 3 appears in the last two batches
+    np.testing.assert_allclose(cma.means[3].numpy(), np.mean(class3, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(none.means[1].numpy(), units[-1][1], rtol=1e-12)
+    # class 0 is absent from batch 4: keeps its batch-3 value
+    np.testing.assert_allclose(none.means[0].numpy(), units[3][0], rtol=1e-12)
 
 
 def test_min_alpha_floor():

@@ -71,6 +71,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from nearest_etf._validation import as_float64, scale_safe_norm
 from nearest_etf.experiments.layer_stack import LayerStack
 from nearest_etf.metrics.collapse import rank_of_singular_values, singular_values
 
@@ -175,8 +176,8 @@ class _Data:
 
 
 def _check_weights(weights: Sequence[Tensor], X: Tensor | None = None) -> list[Tensor]:
-    """float64 copies of 2-D matrices that chain (W_{i+1} has as many columns as W_i rows) and,
-    with X [m, h_0], match its width."""
+    """float64 copies of real, finite 2-D matrices that chain (W_{i+1} has as many columns as
+    W_i rows) and, with X [m, h_0] (real, finite), match its width."""
     if isinstance(weights, Tensor) or not isinstance(weights, Sequence) or not weights:
         raise TypeError("weights must be a non-empty sequence of matrices W_i [h_i, h_{i-1}]")
     mats: list[Tensor] = []
@@ -189,10 +190,11 @@ def _check_weights(weights: Sequence[Tensor], X: Tensor | None = None) -> list[T
                 f"widths do not chain: weights[{i}] has {W.shape[1]} columns but "
                 f"weights[{i - 1}] has {mats[-1].shape[0]} rows"
             )
-        mats.append(W.detach().to("cpu", torch.float64))
+        mats.append(as_float64(f"weights[{i}]", W))
     if X is not None:
         if not isinstance(X, Tensor) or X.ndim != 2 or X.shape[0] == 0:
             raise ValueError("the data X must be a non-empty matrix [m, h_0] (rows = samples)")
+        as_float64("X", X)
         if X.shape[1] != mats[0].shape[1]:
             raise ValueError(
                 f"X has width {X.shape[1]} but weights[0] expects {mats[0].shape[1]} inputs"
@@ -201,10 +203,11 @@ def _check_weights(weights: Sequence[Tensor], X: Tensor | None = None) -> list[T
 
 
 def _data_stats(X: Tensor) -> tuple[int, float, float]:
-    """(m, ||X||_F, max_j ||x_j||) of X [m, h_0], in float64 and without autograd."""
-    X = X.detach().to("cpu", torch.float64)
-    frobenius = float(torch.linalg.matrix_norm(X))
-    return X.shape[0], frobenius, float(torch.linalg.vector_norm(X, dim=1).max())
+    """(m, ||X||_F, max_j ||x_j||) of X [m, h_0], in float64 and without autograd; the norms
+    scale-safe (no overflow of the squares of entries beyond 1e154)."""
+    X = as_float64("X", X)
+    frobenius = float(scale_safe_norm(X, (0, 1)))
+    return X.shape[0], frobenius, float(scale_safe_norm(X, 1).max())
 
 
 def _prepare(weights: Sequence[Tensor], X: Tensor) -> tuple[list[_Matrix], _Data]:
@@ -217,8 +220,8 @@ def _prepare(weights: Sequence[Tensor], X: Tensor) -> tuple[list[_Matrix], _Data
                 shape=(W.shape[0], W.shape[1]),
                 singular_values=s,
                 spectral=float(s[0]),
-                frobenius=float(torch.linalg.matrix_norm(W)),
-                row_norm_sum=float(torch.linalg.vector_norm(W, dim=1).sum()),
+                frobenius=float(scale_safe_norm(W, (0, 1))),
+                row_norm_sum=float(scale_safe_norm(W, 1).sum()),
             )
         )
     return matrices, _Data(*_data_stats(X))

@@ -15,9 +15,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import Tensor
 
+from nearest_etf._validation import scale_safe_norm
 from nearest_etf.experiments.dufm.model import DUFMProblem
 from nearest_etf.metrics.collapse import (
     class_means,
@@ -62,8 +62,8 @@ def analyse_layers(
         means, _ = class_means(features, problem.labels, K)
         s = singular_values(means)
         zero = float(s[0]) == 0.0
-        spread = torch.linalg.matrix_norm(means - means.mean(dim=0))
-        collapsed = float(spread) <= _COLLAPSED_RTOL * float(torch.linalg.matrix_norm(means))
+        spread = scale_safe_norm(means - means.mean(dim=0), (0, 1))
+        collapsed = float(spread) <= _COLLAPSED_RTOL * float(scale_safe_norm(means, (0, 1)))
         stats.append(
             LayerStats(
                 name=name,

@@ -1,0 +1,451 @@
+"""Correct or loud, over the whole input range: scale, non-finite entries, degenerate class means
+and the dtype policy, for every public entry point that takes float tensors.
+
+Oracles: the same quantity in float64 at scale 1 (the metrics are scale invariant or
+homogeneous), numpy formulas, and hand values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from nearest_etf import metrics
+from nearest_etf._validation import normalise, scale_safe_norm
+from nearest_etf.etf import centre_columns, etf_classifier
+from nearest_etf.experiments.bounds.generalisation import golowich_bound, rank_aware_bound
+from nearest_etf.metrics.collapse import collapse_metrics, nc1, ncc_accuracy, numerical_rank
+from nearest_etf.metrics.layer_probe import layer_collapse
+from nearest_etf.nearest import nearest_etf
+from nearest_etf.nn.class_means import ClassMeanTracker
+from nearest_etf.nn.heads import ImplicitETFHead
+from nearest_etf.polar_decomposition import polar
+
+F32, F64 = torch.float32, torch.float64
+N, D, K = 40, 8, 4
+
+
+def _data() -> dict[str, Tensor]:
+    """Float64 features[N, D] with labels, their class means and global mean, a classifier
+    weight[K, D] with bias[K], a matrix M and its singular values s."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(N) % K
+    offsets = 3 * torch.randn(K, D, generator=g, dtype=F64)
+    features = torch.randn(N, D, generator=g, dtype=F64) + offsets[labels]
+    means, global_mean = metrics.class_means(features, labels, K)
+    M = torch.randn(6, 5, generator=g, dtype=F64) @ torch.diag(torch.logspace(0, -2, 5, dtype=F64))
+    return {
+        "features": features,
+        "labels": labels,
+        "predictions": (torch.arange(N) + N // 3) % K,
+        "means": means,
+        "rows": means - global_mean,
+        "global_mean": global_mean,
+        "weight": torch.randn(K, D, generator=g, dtype=F64),
+        "bias": torch.randn(K, generator=g, dtype=F64),
+        "M": M,
+        "s": torch.linalg.svdvals(M),
+    }
+
+
+def _first(value: object) -> object:
+    return value[0] if isinstance(value, tuple) else value
+
+
+# Every public metric: (call, its float arguments, the arguments a rescaling multiplies, degree of
+# homogeneity in that rescaling: value(c x) = c^degree value(x)).
+Call = Callable[[dict[str, Tensor]], object]
+METRICS: dict[str, tuple[Call, tuple[str, ...], tuple[str, ...], int]] = {
+    "class_means": (
+        lambda t: _first(metrics.class_means(t["features"], t["labels"], K)),
+        ("features",),
+        ("features",),
+        1,
+    ),
+    "nc1": (lambda t: nc1(t["features"], t["labels"], K), ("features",), ("features",), 0),
+    "singular_values": (lambda t: metrics.singular_values(t["M"]), ("M",), ("M",), 1),
+    "numerical_rank": (lambda t: numerical_rank(t["M"]), ("M",), ("M",), 0),
+    "effective_rank": (lambda t: metrics.effective_rank(t["M"]), ("M",), ("M",), 0),
+    "rank_of_singular_values": (
+        lambda t: metrics.rank_of_singular_values(t["s"], 0.05),
+        ("s",),
+        ("s",),
+        0,
+    ),
+    "etf_distance": (
+        lambda t: metrics.etf_distance(t["means"], t["global_mean"]),
+        ("means", "global_mean"),
+        ("means", "global_mean"),
+        0,
+    ),
+    "orthogonal_frame_distance": (
+        lambda t: metrics.orthogonal_frame_distance(t["means"]),
+        ("means",),
+        ("means",),
+        0,
+    ),
+    "classifier_etf_distance": (
+        lambda t: metrics.classifier_etf_distance(t["weight"]),
+        ("weight",),
+        ("weight",),
+        0,
+    ),
+    "self_duality": (
+        lambda t: metrics.self_duality(t["weight"], t["means"], t["global_mean"]),
+        ("weight", "means", "global_mean"),
+        ("means", "global_mean"),
+        0,
+    ),
+    "bias_collapse": (
+        lambda t: metrics.bias_collapse(t["weight"], t["bias"], t["global_mean"]),
+        ("weight", "bias", "global_mean"),
+        ("bias", "global_mean"),
+        1,
+    ),
+    "equinorm": (lambda t: metrics.equinorm(t["rows"]), ("rows",), ("rows",), 0),
+    "ncc_mismatch": (
+        lambda t: metrics.ncc_mismatch(t["features"], t["predictions"], t["means"]),
+        ("features", "means"),
+        ("features", "means"),
+        0,
+    ),
+    "ncc_accuracy": (
+        lambda t: ncc_accuracy(t["features"], t["labels"], K, t["means"]),
+        ("features", "means"),
+        ("features", "means"),
+        0,
+    ),
+    "cosine_margin": (
+        lambda t: metrics.cosine_margin(t["features"], t["labels"], t["weight"], t["global_mean"]),
+        ("features", "weight", "global_mean"),
+        ("features", "global_mean"),
+        0,
+    ),
+    "nearest_etf_distance": (
+        lambda t: metrics.nearest_etf_distance(t["means"], t["global_mean"]),
+        ("means", "global_mean"),
+        ("means", "global_mean"),
+        0,
+    ),
+}
+
+
+def test_every_public_metric_is_covered():
+    functions = set(metrics.collapse.__all__) - {"CollapseStatistics", "collapse_metrics"}
+    assert functions == set(METRICS)
+
+
+def _as_array(value: object) -> np.ndarray:
+    if isinstance(value, Tensor):
+        return value.detach().double().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+# float32: 1e19 squares past the maximum, 1e-30 squares below the smallest normal and 3e36
+# overflows a sum of N entries; float64: the same at its range.
+SCALES = [(F32, 1e-30), (F32, 1e19), (F32, 1e30), (F32, 3e36), (F64, 1e-300), (F64, 1e300)]
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+@pytest.mark.parametrize(("dtype", "scale"), SCALES)
+def test_metrics_hold_over_the_dtype_range(name: str, dtype: torch.dtype, scale: float):
+    call, _, scaled, degree = METRICS[name]
+    t = _data()
+    expected = _as_array(call(t)) * scale**degree  # float64 at scale 1
+    value = call(
+        {
+            k: (v * scale if k in scaled else v).to(dtype) if v.is_floating_point() else v
+            for k, v in t.items()
+        }
+    )
+    rtol = 1e-4 if dtype == F32 else 1e-10
+    np.testing.assert_allclose(_as_array(value), expected, rtol=rtol, atol=rtol * scale**degree)
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_non_finite_input_is_rejected_naming_the_argument(name: str):
+    call, float_args, _, _ = METRICS[name]
+    for arg in float_args:
+        for bad in (float("nan"), float("inf")):
+            t = _data()
+            t[arg] = t[arg].clone()
+            t[arg].view(-1)[1] = bad
+            with pytest.raises(ValueError, match=f"{arg} has non-finite"):
+                call(t)
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_low_precision_is_computed_in_float32(name: str, low: torch.dtype):
+    call, float_args, _, _ = METRICS[name]
+    t = _data()
+    rounded = {k: v.to(low) if k in float_args else v for k, v in t.items()}
+    upcast = {k: v.float() if k in float_args else v for k, v in rounded.items()}
+    value, expected = call(rounded), call(upcast)
+    if isinstance(value, Tensor):
+        assert value.dtype == F32
+    np.testing.assert_array_equal(_as_array(value), _as_array(expected))
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+@pytest.mark.parametrize("bad", [torch.int64, torch.complex64])
+def test_other_dtypes_raise_the_packages_type_error(name: str, bad: torch.dtype):
+    call, float_args, _, _ = METRICS[name]
+    for arg in float_args:
+        t = _data()
+        t[arg] = t[arg].to(bad)
+        with pytest.raises(TypeError, match=f"{arg} must be a floating-point tensor.*{bad}"):
+            call(t)
+
+
+def test_etf_distance_of_bfloat16_means_is_computed_in_float32():
+    means = _data()["means"].bfloat16()
+    oracle = float(metrics.etf_distance(means.double()))  # the bfloat16 values, in float64
+    assert float(metrics.etf_distance(means)) == pytest.approx(oracle, rel=1e-6)
+
+
+# --- nearest_etf and polar ------------------------------------------------------------------
+
+
+def _classifier_and_gradient(H: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
+    H = H.clone().requires_grad_(True)
+    W = etf_classifier(nearest_etf(H))
+    (W * R.to(W.dtype)).sum().backward()
+    return W.detach(), H.grad
+
+
+@pytest.mark.parametrize("scale", [1e-36, 1e-23, 1e20, 1e30, 3e36])
+def test_nearest_etf_is_scale_invariant_over_the_float32_range(scale: float):
+    g = torch.Generator().manual_seed(1)
+    H = torch.randn(8, 5, generator=g, dtype=F64)
+    R = torch.randn(5, 8, generator=g, dtype=F64)
+    W64, grad64 = _classifier_and_gradient(H, R)  # oracle: float64 at scale 1
+    W, grad = _classifier_and_gradient((H * scale).float(), R)
+    torch.testing.assert_close(W.double(), W64, rtol=0, atol=1e-5)
+    # L(c H) = L(H): dL/d(cH) = (dL/dH) / c
+    torch.testing.assert_close(grad.double() * scale, grad64, rtol=1e-4, atol=1e-5)
+
+
+def test_nearest_etf_rejects_coinciding_class_means():
+    H = torch.randn(16, 1, generator=torch.Generator().manual_seed(2)).expand(16, 5)
+    with pytest.raises(ValueError, match="all class means coincide"):
+        nearest_etf(H)
+    batch = torch.stack([torch.randn(16, 5), H])  # one degenerate problem in a batch
+    with pytest.raises(ValueError, match="all class means coincide"):
+        nearest_etf(batch)
+    with pytest.raises(ValueError, match="zero Frobenius norm"):
+        nearest_etf(torch.zeros(16, 5))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30, 1e37])
+def test_polar_is_scale_invariant_over_the_float32_range(scale: float):
+    A = torch.randn(7, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    expected = polar(A)
+    Q = polar((A * scale).float())
+    torch.testing.assert_close(Q.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_polar_dtype_policy_and_finite_input():
+    A = torch.randn(6, 4, generator=torch.Generator().manual_seed(4))
+    Q = polar(A.half())
+    assert Q.dtype == F32
+    torch.testing.assert_close(Q, polar(A.half().float()), rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"A must be a floating-point tensor.*torch\.int64"):
+        polar(A.long())
+    with pytest.raises(ValueError, match="A has non-finite"):
+        polar(A.clone().fill_(float("nan")))
+    with pytest.raises(TypeError, match="Q must have the dtype of A"):
+        polar(A, polar(A).double())
+
+
+# --- the class-mean tracker and the implicit head ------------------------------------------
+
+
+def _stream(steps: int, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    centres = 2 * torch.randn(K, 16, generator=g)
+    labels = torch.arange(32) % K
+    return [(centres[labels] + torch.randn(32, 16, generator=g), labels) for _ in range(steps)]
+
+
+@pytest.mark.parametrize(("scale", "atol"), [(2.0**60, 0.0), (1e18, 1e-3)])
+def test_an_outlier_batch_moves_the_implicit_head_as_at_normal_scale(scale: float, atol: float):
+    # One batch of features ~1e18 used to freeze the frame (tracked raw means ~1e18, decaying by
+    # 1 - alpha per step: it moved 1e-7 over the next 50 steps against 0.11 for the oracle).
+    # Each batch now enters in units of its own RMS centred-mean norm, so the outlier acts as the
+    # same batch at scale 1 (the oracle head): bitwise for an exact power of two, and up to the
+    # rounding of x * 1e18 (amplified over 50 proximal steps) otherwise.
+    stream = _stream(61)
+    clean, outlier = ImplicitETFHead(16, K), ImplicitETFHead(16, K)
+    for x, y in stream[:10]:
+        clean(x, y)
+        outlier(x, y)
+    x, y = stream[10]
+    clean(x, y)
+    outlier(x * scale, y)
+    assert float(outlier.tracker.means.abs().max()) < 2
+    start = outlier.frame.clone()
+    for x, y in stream[11:]:
+        clean(x, y)
+        outlier(x, y)
+    torch.testing.assert_close(outlier.frame, clean.frame, rtol=0, atol=atol)
+    moved = float((outlier.frame - start).norm())
+    assert moved > 0.1
+    assert moved == pytest.approx(float((clean.frame - start).norm()), rel=1e-3)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_tracker_output_is_scale_invariant(scale: float):
+    stream = _stream(3)
+    a, b = ClassMeanTracker(16, K), ClassMeanTracker(16, K)
+    for x, y in stream:
+        expected = a(x, y)
+        torch.testing.assert_close(b(x * scale, y), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tracker_rejects_overflowing_class_sums_with_the_cause():
+    tracker = ClassMeanTracker(16, K)
+    x, y = _stream(1)[0]
+    with pytest.raises(ValueError, match=r"class sums overflow torch\.float32"):
+        tracker(x * 1e37, y)
+    assert int(tracker.appearances.sum()) == 0
+
+
+# --- non-finite, one-shot and degenerate inputs -------------------------------------------
+
+
+def test_spectral_metrics_reject_an_inf_entry():
+    M = torch.randn(6, 4)
+    M[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="M has non-finite"):
+        numerical_rank(M)  # was 0
+    with pytest.raises(ValueError, match="M has non-finite"):
+        metrics.effective_rank(M)  # was 1.0
+
+
+def test_ncc_accuracy_rejects_a_nan_feature():
+    t = _data()
+    t["features"][3, 2] = float("nan")
+    with pytest.raises(ValueError, match="features has non-finite"):
+        ncc_accuracy(t["features"], t["labels"], K)  # was 0.3 in the issue
+
+
+def _batches(t: dict[str, Tensor]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    logits = t["features"] @ t["weight"].T + t["bias"]
+    return [
+        (t["features"][i : i + 10], logits[i : i + 10], t["labels"][i : i + 10])
+        for i in range(0, N, 10)
+    ]
+
+
+def test_collapse_metrics_rejects_nan_logits():
+    t = _data()
+    batches = _batches(t)
+    batches[1][1][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="logits has non-finite"):
+        collapse_metrics(batches, t["weight"], t["bias"], K)  # accuracy was 20%
+
+
+def test_collapse_metrics_needs_two_passes():
+    t = _data()
+    batches = _batches(t)
+    expected = collapse_metrics(batches, t["weight"], t["bias"], K)
+    oracle = 100.0 * float(
+        ((t["features"] @ t["weight"].T + t["bias"]).argmax(1) == t["labels"]).double().mean()
+    )
+    assert expected["accuracy"] == pytest.approx(oracle)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        collapse_metrics((b for b in batches), t["weight"], t["bias"], K)  # accuracy was 0
+
+    class Once:
+        """Re-iterable in form only: the second pass finds the iterator spent."""
+
+        def __init__(self) -> None:
+            self.iterator = iter(batches)
+
+        def __iter__(self):
+            return self.iterator
+
+    with pytest.raises(ValueError, match="other samples in the second pass"):
+        collapse_metrics(Once(), t["weight"], t["bias"], K)
+
+
+def test_metrics_reject_coinciding_class_means():
+    t = _data()
+    same = t["means"][:1].expand(K, D)
+    for call in (
+        lambda: metrics.etf_distance(same),
+        lambda: metrics.self_duality(t["weight"], same),
+        lambda: metrics.nearest_etf_distance(same),
+        lambda: ncc_accuracy(t["features"], t["labels"], K, same.contiguous()),
+        lambda: nc1(torch.ones(N, D), t["labels"], K),  # was 0: "perfectly collapsed"
+    ):
+        with pytest.raises(ValueError, match="all class means coincide"):
+            call()
+    with pytest.raises(ValueError, match="weight is zero"):
+        metrics.self_duality(torch.zeros(K, D, dtype=F64), t["means"])
+    with pytest.raises(ValueError, match="every row is zero"):
+        metrics.equinorm(torch.zeros(K, D))
+
+
+def test_cosine_margin_of_tiny_features_uses_unit_rows():
+    # F.normalize divides by max(||h||, 1e-12): rows of norm 1e-15 were not normalised.
+    t = _data()
+    expected = float(metrics.cosine_margin(t["features"], t["labels"], t["weight"]))
+    tiny = metrics.cosine_margin(t["features"] * 1e-15, t["labels"], t["weight"])
+    assert float(tiny) == pytest.approx(expected, rel=1e-12)
+
+
+# --- layer probe, bounds, helpers ------------------------------------------------------------
+
+
+def test_layer_collapse_names_a_non_finite_layer_and_marks_a_dead_one_undefined():
+    model = nn.Sequential(nn.Linear(D, 6), nn.ReLU(), nn.Linear(6, 6))
+    t = _data()
+    x, y = t["features"].float(), t["labels"]
+    with torch.no_grad():
+        model[0].weight.fill_(-1.0)  # every unit dead on these inputs
+        model[0].bias.fill_(-100.0)
+    result = layer_collapse(model, ["1", "2"], x, y, K)
+    assert all(math.isnan(v) for layer in result.values() for v in layer.values())
+    with torch.no_grad():
+        model[2].bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="the outputs of layer '2' has non-finite"):
+        layer_collapse(model, ["2"], x, y, K)
+
+
+def test_bounds_are_scale_safe_and_check_their_inputs():
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.randn(6, D, generator=g, dtype=F64), torch.randn(K, 6, generator=g, dtype=F64)]
+    X = torch.randn(N, D, generator=g, dtype=F64)
+    # the bounds are linear in ||X||_F; at 1e160 its square overflows float64
+    assert golowich_bound(weights, X * 1e160) == pytest.approx(1e160 * golowich_bound(weights, X))
+    complexity, _ = rank_aware_bound(weights, X * 1e160)
+    assert complexity == pytest.approx(1e160 * rank_aware_bound(weights, X)[0])
+    with pytest.raises(ValueError, match=r"weights\[1\] has non-finite"):
+        golowich_bound([weights[0], weights[1].clone().fill_(float("inf"))], X)
+    with pytest.raises(TypeError, match=r"weights\[0\] must be a real tensor"):
+        golowich_bound([weights[0].to(torch.complex128), weights[1]], X)
+    with pytest.raises(ValueError, match="X has non-finite"):
+        golowich_bound(weights, X.clone().fill_(float("nan")))
+
+
+@pytest.mark.parametrize(("dtype", "scale"), SCALES)
+def test_scale_safe_norm_and_normalise(dtype: torch.dtype, scale: float):
+    x = torch.tensor([[3.0, -4.0], [0.0, 12.0]], dtype=F64)
+    norm = float(scale_safe_norm((x * scale).to(dtype), (0, 1)))
+    assert norm == pytest.approx(13.0 * scale, rel=1e-6)  # hand value: sqrt(9 + 16 + 144)
+    torch.testing.assert_close(normalise((x * scale).to(dtype), (0, 1)).double(), x / 13.0)
+    rows = normalise((x * scale).to(dtype), 1).double()
+    torch.testing.assert_close(rows, torch.tensor([[0.6, -0.8], [0.0, 1.0]], dtype=F64))
+    assert normalise(torch.zeros(2, 3, dtype=dtype), 1).abs().max() == 0
+
+
+def test_centre_columns_does_not_overflow():
+    X = torch.tensor([[3e38, 1e38, 2e38]])
+    torch.testing.assert_close(centre_columns(X), torch.tensor([[1e38, -1e38, 0.0]]))
