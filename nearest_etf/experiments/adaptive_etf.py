@@ -304,7 +304,7 @@ def _plot_ncc(rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, path
             ax.set_ylabel("train NCC accuracy", fontsize=8)
             ax.legend(title="layer", fontsize=7, title_fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
 
 
 def write_results(

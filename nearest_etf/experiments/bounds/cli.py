@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from nearest_etf.experiments._common.results import write_csv
+from nearest_etf.experiments._common.results import save_figure, write_csv
+from nearest_etf.experiments._common.runs import write_json
 from nearest_etf.experiments.bounds.generalisation import (
     BOUND_NAMES,
     DEFAULT_RANK_RTOL,
@@ -72,7 +73,7 @@ def _plot(rows: Sequence[dict[str, object]], path: Path, c1: float, c2: float) -
     ax.set_ylabel(f"bound (C1 = {c1:g}, C2 = {c2:g}, no log factors)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
 
 
 def bounds_of_run(
@@ -108,7 +109,7 @@ def bounds_of_run(
         "png": out_dir / f"{stem}.png",
     }
     settings = networks[0]["settings"] | {"biases": "per network, see networks[].settings"}
-    paths["json"].write_text(json.dumps({"settings": settings, "networks": networks}, indent=1))
+    write_json(paths["json"], {"settings": settings, "networks": networks})
     write_csv(rows, paths["csv"])
     write_csv(layer_rows, paths["layers_csv"])
     _plot(rows, paths["png"], c1, c2)

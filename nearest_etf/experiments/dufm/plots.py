@@ -8,6 +8,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from nearest_etf.experiments._common.results import save_figure
 from nearest_etf.experiments.dufm.analysis import LayerStats
 from nearest_etf.experiments.dufm.reference import ReferenceLosses
 from nearest_etf.experiments.dufm.train import TrainResult
@@ -25,8 +26,7 @@ _DPI = 80
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    return path
+    return save_figure(fig, path, dpi=_DPI)
 
 
 def plot_loss_curve(result: TrainResult, refs: ReferenceLosses, path: Path) -> Path:

@@ -109,7 +109,7 @@ def plot_study(study: Study, path: Path) -> Path:
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=70)
+    save_figure(fig, path, dpi=70)
     return path
 
 
