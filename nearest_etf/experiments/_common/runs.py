@@ -360,18 +360,22 @@ class RunDirectory:
             return None
         return json.loads(self._unit_path(key).read_text())
 
-    def finish(self, key: str, record: Mapping[str, object], diverged: bool = False) -> None:
+    def finish(self, key: str, record: Mapping[str, object], diverged: bool = False) -> dict:
         """Store a finished run's `record` (JSON-serialisable) as units/<key>.json, mark it
-        "finished" or "diverged" in the manifest and delete its checkpoint."""
+        "finished" or "diverged" in the manifest and delete its checkpoint. Returns the record
+        as `finished(key)` will read it back (tuples become lists), so that results computed
+        now and read back after a resume are identical."""
         path = self._unit_path(key)
         path.parent.mkdir(exist_ok=True)
-        write_json(path, dict(record))
+        text = json.dumps(dict(record), indent=1) + "\n"
+        write_text(path, text)
         runs = self.runs() | {key: "diverged" if diverged else "finished"}
         self.update(runs=runs)
         checkpoint = self.checkpoint_path(key)
         checkpoint.unlink(missing_ok=True)
         if checkpoint.parent.is_dir() and not any(checkpoint.parent.iterdir()):
             checkpoint.parent.rmdir()
+        return json.loads(text)
 
     def checkpoint_path(self, key: str) -> Path:
         """checkpoints/<key>.pt (neither the file nor the folder need exist)."""

@@ -293,7 +293,8 @@ class RunSeries:
                 self.diverged[key] = loop.divergence
             if self.directory is not None:
                 record = {"key": key, "rows": rows, "divergence": loop.divergence}
-                self.directory.finish(key, record, diverged=loop.divergence is not None)
+                record = self.directory.finish(key, record, diverged=loop.divergence is not None)
+                rows = record["rows"]
         self.rows += rows
         self._write(self.rows)
         return rows

@@ -12,7 +12,6 @@ summary is not overwritten.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from nearest_etf.experiments._common.results import save_figure, write_csv
-from nearest_etf.experiments._common.runs import write_json
+from nearest_etf.experiments._common.runs import UserError, write_json
 from nearest_etf.experiments.bounds.generalisation import (
     BOUND_NAMES,
     DEFAULT_RANK_RTOL,
@@ -35,15 +34,16 @@ _META_KEYS = ("source", "head", "seed", "train_accuracy", "test_accuracy", "foun
 
 
 def network_files(path: Path) -> tuple[Path, list[Path]]:
-    """(output directory, sorted network*.pt files) for a file or a directory."""
+    """(output directory, sorted network*.pt files) for a file or a directory; `UserError` if
+    there is none."""
     path = Path(path)
     if path.is_file():
         return path.parent, [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is neither a network file nor a directory")
+        raise UserError(f"--run {path}: no such network file or directory")
     files = sorted(path.rglob("network*.pt"))
     if not files:
-        raise FileNotFoundError(f"no network*.pt files under {path}")
+        raise UserError(f"--run {path}: no network*.pt files in that directory")
     return path, files
 
 
@@ -91,7 +91,10 @@ def bounds_of_run(
     networks: list[dict] = []
     layer_rows: list[dict[str, object]] = []
     for file in files:
-        stack = load_layer_stack(file)
+        try:
+            stack = load_layer_stack(file)
+        except ValueError as exc:
+            raise UserError(f"--run: {exc}") from exc
         result = network_bounds(stack, rank_rtol, delta, loss_lipschitz, c1, c2)
         name = str(file.relative_to(out_dir).with_suffix(""))
         rows.append(_summary_row(name, stack.meta, result))
