@@ -285,7 +285,7 @@ def run_ufm(config: UFMConfig, method: str, lr: float, seed: int, progress: bool
         optimizer.zero_grad(set_to_none=True)
         F, logits = model()
         loss = nn.functional.cross_entropy(logits, model.labels)
-        reason = divergence(float(loss), model.parameters())
+        reason = divergence(float(loss.detach()), model.parameters())
         if reason is not None:
             run.diverged, run.diverged_step, run.divergence = True, step, reason
             break
@@ -395,7 +395,7 @@ def _run_task(task: tuple[UFMConfig, str, float, int]) -> UFMRun:
 
 def _check_lr(lr: float) -> None:
     if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"learning rates must be finite numbers > 0, got {lr}")
+        raise ValueError(f"learning rates (lr) must be finite numbers > 0, got {lr}")
 
 
 Key = tuple[str, float, int]
