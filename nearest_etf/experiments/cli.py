@@ -6,9 +6,9 @@ sets `func` (a callable taking the parsed namespace) as the parser default.
 `main` is the entry point: it records the command line in ``args.argv`` (run manifests keep
 it), turns ``--resume DIR`` into the command line recorded in DIR's manifest plus the options
 given now (`runs.resumed_argv`), and reports user errors (bad options, files, data, output
-directories: `runs.UserError` and argparse's errors) as one line on stderr with exit status 2
-and an interruption (SIGINT) with status 130. ``--debug`` anywhere on the command line shows
-the traceback of a user error instead.
+directories: `runs.UserError` and argparse's errors) as one line on stderr (whitespace
+collapsed) with exit status 2, and an interruption (SIGINT) with status 130. ``--debug``
+anywhere on the command line shows the traceback of a user error instead.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except UserError as exc:
         if debug:
             raise
-        print(f"nearest-etf: error: {exc}", file=sys.stderr)
+        print(f"nearest-etf: error: {' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
     except KeyboardInterrupt:
         if debug:
