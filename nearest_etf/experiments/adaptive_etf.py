@@ -238,16 +238,16 @@ def _run(
     )
     state = {"frozen_from": None, "frozen_epoch": None, "pending": None, "streaks": None}
     state |= loop.extra
-    if state["frozen_from"] is not None:  # a resumed run: rebuild the frozen layers
-        convert_to_etf(model, linears[state["frozen_from"] :], method.removeprefix("adaptive-"))
-    if rule is not None and state["streaks"] is not None:
-        rule.streaks, rule.frozen_from = list(state["streaks"]), state["frozen_from"]
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
+    if state["frozen_from"] is not None:  # a resumed run: freeze as before its interruption
+        convert_to_etf(model, linears[state["frozen_from"] :], method.removeprefix("adaptive-"))
+    if rule is not None and state["streaks"] is not None:
+        rule.streaks, rule.frozen_from = list(state["streaks"]), state["frozen_from"]
     loader = make_loader(
         data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
     )

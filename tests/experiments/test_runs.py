@@ -486,3 +486,25 @@ def test_dufm_sweep_resumes_to_the_same_rows(tmp_path: Path, capsys, monkeypatch
     assert csv_rows(part / "runs.csv", drop) == csv_rows(whole / "runs.csv", drop)
     assert (part / "srg_ratio.csv").read_text() == (whole / "srg_ratio.csv").read_text()
     assert json.loads((part / "sweep.json").read_text())["runs"] == 4
+
+
+def test_adaptive_etf_resumes_after_a_freeze(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The frozen ETF layers and the freezing rule's state survive an interruption."""
+    from nearest_etf.experiments import adaptive_etf
+
+    command = (
+        "adaptive-etf --dataset gaussian --depth 2 --width 16 --epochs 3 --patience 1 --seeds 1 "
+        "--fixed-last 1 --train-subset 128 --batch-size 64 --probe-samples 64 --no-progress"
+    )
+    assert cli(f"{command} --out {tmp_path / 'whole'}", capsys)[0] == 0
+    # 4 methods x 3 epochs: call 12 is adaptive-nearest's third epoch, after its freeze
+    monkeypatch.setattr(adaptive_etf, "train_epoch", Interrupt(adaptive_etf.train_epoch, 12))
+    _interrupt_then_resume(command, tmp_path / "part", capsys)
+    drop = ("seconds",)
+    whole = csv_rows(tmp_path / "whole" / "metrics.csv", drop)
+    assert csv_rows(tmp_path / "part" / "metrics.csv", drop) == whole
+    assert [r["frozen_from"] for r in whole if r["method"] == "adaptive-nearest"] == [
+        "-1",
+        "1",
+        "1",
+    ]
