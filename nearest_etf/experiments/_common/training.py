@@ -39,6 +39,7 @@ __all__ = [
     "EVAL_BATCH_SIZE",
     "EpochLoop",
     "RunSeries",
+    "check_device",
     "eval_loaders",
     "evaluate",
     "load_training_data",
@@ -146,10 +147,19 @@ def save_network(
     save_layer_stack(stack, path)
 
 
+def check_device(device: str) -> None:
+    """`UserError` unless torch can allocate on `device` (e.g. "cuda" without a GPU)."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        raise UserError(f"--device {device}: {exc}") from exc
+
+
 def load_training_data(config: Any) -> DataSplits:
     """The data set of a training command's config (fields dataset, train_subset, test_subset,
-    batch_size), checked before any training: `UserError` naming the problem (an unreadable
-    data set, a training subset smaller than one batch)."""
+    batch_size, device), checked before any training: `UserError` naming the problem (an
+    unusable device, an unreadable data set, a training subset smaller than one batch)."""
+    check_device(config.device)
     try:
         data = load_dataset(config.dataset)
     except (ValueError, OSError) as exc:
