@@ -240,7 +240,10 @@ class RunDirectory:
             raise UserError("--resume and --overwrite exclude each other")
         if path.exists() and not path.is_dir():
             raise UserError(f"output directory {path} is a file; choose another --out")
-        occupied = path.is_dir() and any(path.iterdir())
+        try:
+            occupied = path.is_dir() and any(path.iterdir())
+        except OSError as exc:
+            raise UserError(f"cannot read output directory {path}: {exc.strerror}") from exc
         settings_json = json.loads(json.dumps(settings))
         manifest: dict[str, object] = {
             "command": command,
@@ -268,6 +271,7 @@ class RunDirectory:
                     f"--resume {path}: {difference}; a resumed run keeps its settings "
                     "(start a new run with another --out, or pass --overwrite to replace it)"
                 )
+            old.pop("error", None)
             manifest = old | {
                 "status": "running",
                 "updated": _now(),
