@@ -42,6 +42,7 @@ __all__ = [
     "atomic_path",
     "divergence",
     "open_run",
+    "read_manifest",
     "resumed_argv",
     "user_errors",
     "write_json",
