@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, finfo
 
 from nearest_etf.experiments.dufm.model import DUFMProblem
 from nearest_etf.metrics.collapse import (
@@ -54,10 +54,10 @@ class LayerStats:
         return asdict(self)
 
 
-def _resolvable(s_max: float, rtol: float, dtype: torch.dtype) -> bool:
+def _resolvable(s_max: float, rtol: float, tiny: float) -> bool:
     """Whether a rank with cut-off rtol * s_max means anything: s_max finite and either zero
-    (rank 0) or with rtol * s_max a normal float of `dtype`."""
-    return math.isfinite(s_max) and (s_max == 0.0 or rtol * s_max >= torch.finfo(dtype).tiny)
+    (rank 0) or with rtol * s_max a normal float (at least `tiny`, the dtype's smallest)."""
+    return math.isfinite(s_max) and (s_max == 0.0 or rtol * s_max >= tiny)
 
 
 def analyse_layers(
@@ -68,12 +68,12 @@ def analyse_layers(
     K = problem.classes
     for name, rep in problem.representations(params):
         features = rep.detach().T
-        if not bool(torch.isfinite(features).all()):
+        if not bool(features.isfinite().all()):
             stats.append(_undefined(name, K))
             continue
         means, _ = class_means(features, problem.labels, K)
         s = singular_values(means)
-        if not _resolvable(float(s[0]), rtol, means.dtype):
+        if not _resolvable(float(s[0]), rtol, finfo(means.dtype).tiny):
             stats.append(_undefined(name, K, [float(v) for v in s]))
             continue
         zero = float(s[0]) == 0.0
