@@ -9,7 +9,8 @@ values), distance to a simplex ETF of the centred means and to an orthogonal fra
 ||Mbar|| <= 1e-12 ||M||, e.g. a dead layer) are NaN. When the largest singular value is so small
 that rtol * s_max is not a normal float (e.g. class means decayed to ~1e-320, whose singular
 values are rounding noise) or is non-finite, the rank is undefined: `rank` is None and the other
-statistics are NaN.
+statistics are NaN. The same holds, before anything is computed, when the largest feature entry
+is non-finite or that small.
 """
 
 from __future__ import annotations
@@ -68,12 +69,13 @@ def analyse_layers(
     K = problem.classes
     for name, rep in problem.representations(params):
         features = rep.detach().T
-        if not bool(features.isfinite().all()):
+        tiny = finfo(features.dtype).tiny
+        if not _resolvable(float(features.abs().max()), rtol, tiny):
             stats.append(_undefined(name, K))
             continue
         means, _ = class_means(features, problem.labels, K)
         s = singular_values(means)
-        if not _resolvable(float(s[0]), rtol, finfo(means.dtype).tiny):
+        if not _resolvable(float(s[0]), rtol, tiny):
             stats.append(_undefined(name, K, [float(v) for v in s]))
             continue
         zero = float(s[0]) == 0.0
