@@ -234,8 +234,13 @@ class EpochLoop:
         reason = divergence(loss, self._objects[0].parameters())
         if reason is None:
             return False
-        self.divergence = {"diverged_epoch": epoch, "reason": reason}
+        self.record_divergence(epoch, reason)
         return True
+
+    def record_divergence(self, epoch: int, reason: str) -> None:
+        """Mark the run as diverged in `epoch` (for a loop that detects it itself, e.g. from an
+        exception); `RunSeries` records it and the loop should stop."""
+        self.divergence = {"diverged_epoch": epoch, "reason": reason}
 
     def end_epoch(self, epoch: int, extra: Mapping[str, Any] | None = None) -> None:
         """Checkpoint after `epoch` (model, optimiser, schedule, loader generator, RNG, rows,
