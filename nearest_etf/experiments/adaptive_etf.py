@@ -26,16 +26,22 @@ Outputs in the output directory: metrics.csv / metrics.json (config, one row per
 and epoch with per-layer ``ncc_l`` and ``nc1_l``), summary.csv / summary.json (final accuracies,
 trainable parameters, effective depths, freeze epochs, run times), ncc_curves.png,
 accuracy.png, and network-<method>-seed<s>.pt per run (the trained eval-mode network as a
-`LayerStack` with the training inputs, for `nearest-etf bounds`).
+`LayerStack` with the training inputs, for `nearest-etf bounds`). The output directory is a run
+directory (docs/runs.md): metrics are written after every epoch, runs are checkpointed every
+epoch (the freezing rule's state included) and `--resume DIR` continues an interrupted one.
+
+A decision needs `patience` epochs and takes effect from the next epoch, so a layer can be
+frozen only when epochs > patience; the command warns otherwise (the adaptive methods then
+equal the baseline).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import time
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +56,7 @@ from nearest_etf.experiments._common.options import (
     add_run_arguments,
     config_from_args,
     default_out_dir,
+    nonnegative_float,
     positive_int,
 )
 from nearest_etf.experiments._common.results import (
@@ -57,16 +64,22 @@ from nearest_etf.experiments._common.results import (
     final_accuracy_summary,
     mean_curve,
     plot_mean_curves,
+    save_figure,
+    write_csv,
     write_metrics_and_summary,
 )
+from nearest_etf.experiments._common.runs import UserError, open_run, write_json
 from nearest_etf.experiments._common.training import (
+    EpochLoop,
+    RunSeries,
     eval_loaders,
     evaluate,
+    load_training_data,
     save_network,
     step_bar,
     train_epoch,
 )
-from nearest_etf.experiments.data import DataSplits, load_dataset, make_loader
+from nearest_etf.experiments.data import DataSplits, make_loader
 from nearest_etf.experiments.models import MLP
 from nearest_etf.metrics.layer_probe import effective_depth, layer_collapse
 from nearest_etf.nn.etf_layers import (
@@ -84,6 +97,7 @@ __all__ = [
     "format_summary",
     "method_names",
     "run_adaptive_etf",
+    "short_run_warning",
     "write_results",
 ]
 
@@ -165,22 +179,50 @@ def method_names(config: AdaptiveETFConfig) -> tuple[str, ...]:
 
 
 def _check_config(config: AdaptiveETFConfig, data: DataSplits) -> None:
-    """Fail before any training: network shape, ETF widths, fixed-last k, the freezing rule."""
-    build_mlp(math.prod(data.input_shape), config.depth, config.width, data.num_classes)
-    AdaptiveETFRule(config.depth, config.threshold, config.patience)
+    """Fail before any training (`UserError`): network shape, ETF widths, fixed-last k, the
+    freezing rule, a batch that fits the training set."""
+    try:
+        build_mlp(math.prod(data.input_shape), config.depth, config.width, data.num_classes)
+        AdaptiveETFRule(config.depth, config.threshold, config.patience)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     if config.width < data.num_classes:
-        raise ValueError(
+        raise UserError(
             f"--width {config.width} < {data.num_classes} classes: the K x h classifier ETF "
             "needs h >= K"
         )
     if not 0 <= config.fixed_last <= config.depth + 1:
-        raise ValueError(f"--fixed-last must lie in [0, {config.depth + 1}] (linear layers)")
+        raise UserError(f"--fixed-last must lie in [0, {config.depth + 1}] (linear layers)")
+    if len(data.x_train) < config.batch_size:
+        raise UserError(
+            f"--batch-size {config.batch_size} exceeds the {len(data.x_train)} training samples: "
+            "with the incomplete last batch dropped there is no batch to train on"
+        )
+
+
+def short_run_warning(config: AdaptiveETFConfig) -> str | None:
+    """A warning when no layer can be frozen: a decision needs `patience` epochs and applies
+    from the next one, so freezing needs epochs > patience (None otherwise)."""
+    if config.epochs > config.patience:
+        return None
+    return (
+        f"warning: --patience {config.patience} needs at least {config.patience + 1} epochs to "
+        f"freeze a layer; with --epochs {config.epochs} the adaptive methods train exactly like "
+        "the baseline"
+    )
 
 
 def _run(
-    data: DataSplits, config: AdaptiveETFConfig, method: str, seed: int, out_dir: Path | None
+    data: DataSplits,
+    config: AdaptiveETFConfig,
+    method: str,
+    seed: int,
+    out_dir: Path | None,
+    loop: EpochLoop | None = None,
 ) -> list[dict[str, object]]:
-    """Train one network; one row per epoch."""
+    """Train one network; one row per epoch. `loop` (default: a fresh one) checkpoints,
+    resumes and stops a diverged run."""
+    loop = loop or EpochLoop()
     device = torch.device(config.device)
     torch.manual_seed(seed)
     model = build_mlp(math.prod(data.input_shape), config.depth, config.width, data.num_classes).to(
@@ -194,27 +236,38 @@ def _run(
         if method.startswith("adaptive-")
         else None
     )
+    state = {"frozen_from": None, "frozen_epoch": None, "pending": None, "streaks": None}
+    state |= loop.extra
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
+    if state["frozen_from"] is not None:  # a resumed run: freeze as before its interruption
+        convert_to_etf(model, linears[state["frozen_from"] :], method.removeprefix("adaptive-"))
+    if rule is not None and state["streaks"] is not None:
+        rule.streaks, rule.frozen_from = list(state["streaks"]), state["frozen_from"]
     loader = make_loader(
         data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
     )
     eval_train, eval_test = eval_loaders(data)
     x_probe, y_probe = data.x_train[: config.probe_samples], data.y_train[: config.probe_samples]
     loss_fn = nn.CrossEntropyLoss()
+    done = loop.start(model, optimizer, loader)
+    rows = loop.rows
     bar = step_bar(config.epochs * len(loader), f"{method} seed {seed}", config.progress)
-    rows: list[dict[str, object]] = []
-    start = time.perf_counter()
-    frozen_from = frozen_epoch = pending = None
-    for epoch in range(1, config.epochs + 1):
+    bar.update(done * len(loader))
+    frozen_from, frozen_epoch, pending = (
+        state[k] for k in ("frozen_from", "frozen_epoch", "pending")
+    )
+    for epoch in range(done + 1, config.epochs + 1):
         if pending is not None:  # decided after the previous epoch, applied before this one
             convert_to_etf(model, linears[pending:], method.removeprefix("adaptive-"))
             frozen_from, frozen_epoch, pending = pending, epoch - 1, None
         train_loss = train_epoch(model, loader, optimizer, loss_fn, bar.update)
+        if loop.diverged(epoch, train_loss):
+            break
         layers = layer_collapse(model, probes, x_probe, y_probe, data.num_classes)
         ncc = [layers[name]["ncc_accuracy"] for name in probes]
         row: dict[str, object] = {
@@ -227,7 +280,7 @@ def _run(
             "trainable_params": trainable_parameters(model),
             "frozen_from": -1 if frozen_from is None else frozen_from + 1,
             "frozen_epoch": -1 if frozen_epoch is None else frozen_epoch,
-            "seconds": time.perf_counter() - start,
+            "seconds": loop.seconds(),
         }
         row |= {f"ncc_{i + 1}": a for i, a in enumerate(ncc)}
         row |= {f"nc1_{i + 1}": layers[name]["nc1"] for i, name in enumerate(probes)}
@@ -235,25 +288,38 @@ def _run(
         if rule is not None:
             pending = rule.update(ncc)
         bar.set_postfix(test_acc=f"{row['test_accuracy']:.1f}", frozen=row["frozen_from"])
+        loop.end_epoch(
+            epoch,
+            {
+                "frozen_from": frozen_from,
+                "frozen_epoch": frozen_epoch,
+                "pending": pending,
+                "streaks": None if rule is None else rule.streaks,
+            },
+        )
     bar.close()
-    if out_dir is not None and config.save_networks:
+    if loop.divergence is None and out_dir is not None and config.save_networks:
         path = out_dir / f"network-{method}-seed{seed}.pt"
         save_network(model, data, path, "adaptive-etf", config, rows[-1], "method")
     return rows
 
 
 def run_adaptive_etf(
-    config: AdaptiveETFConfig, data: DataSplits | None = None, out_dir: Path | None = None
+    config: AdaptiveETFConfig, data: DataSplits | None = None, runs: RunSeries | None = None
 ) -> list[dict[str, object]]:
-    """Every method with seeds 0..seeds-1; all rows (networks saved into out_dir if given)."""
-    if data is None:
-        data = load_dataset(config.dataset).subset(config.train_subset, config.test_subset)
+    """Every method with seeds 0..seeds-1; all rows. With `runs` in a run directory the runs
+    are recorded there (keys <method>-seed<s>) and the networks written into it."""
+    data = data if data is not None else load_training_data(config)
     _check_config(config, data)
-    rows: list[dict[str, object]] = []
+    runs = runs or RunSeries()
+    out_dir = None if runs.directory is None else runs.directory.path
     for seed in range(config.seeds):
         for method in method_names(config):
-            rows += _run(data, config, method, seed, out_dir)
-    return rows
+            runs.run(
+                f"{method}-seed{seed}",
+                lambda loop, m=method, s=seed: _run(data, config, m, s, out_dir, loop),
+            )
+    return runs.rows
 
 
 def _summary_rows(
@@ -264,6 +330,9 @@ def _summary_rows(
     out = []
     for method in method_names(config):
         final = [r for r in rows if r["method"] == method and r["epoch"] == config.epochs]
+        if not final:  # every seed diverged
+            out.append({"method": method, "seeds": 0})
+            continue
         ncc_final = [[float(r[f"ncc_{i + 1}"]) for i in range(config.depth)] for r in final]
         if method.startswith("adaptive-"):
             depths = [int(r["frozen_from"]) for r in final]
@@ -272,6 +341,7 @@ def _summary_rows(
                 -1 if (d := effective_depth(n, config.threshold)) is None else d + 1
                 for n in ncc_final
             ]
+        # -1: no layer reached the threshold (baseline) or none was frozen (adaptive)
         summary: dict[str, object] = {"method": method, "seeds": len(final)}
         summary |= final_accuracy_summary(final)
         summary["trainable_params"] = float(np.mean([int(r["trainable_params"]) for r in final]))
@@ -285,13 +355,12 @@ def _plot_ncc(rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, path
     """Per method: training NCC accuracy of every hidden layer vs epoch (mean over seeds)."""
     methods = method_names(config)
     fig = Figure(figsize=(4 * len(methods), 3.4))
-    epochs = np.arange(1, config.epochs + 1)
     colours = [f"C{i % 10}" for i in range(config.depth)]
     for j, method in enumerate(methods):
         ax = fig.add_subplot(1, len(methods), j + 1)
         for i in range(config.depth):
             curve = mean_curve(rows, "method", method, f"ncc_{i + 1}")
-            ax.plot(epochs, curve, colours[i], label=f"{i + 1}")
+            ax.plot(np.arange(1, len(curve) + 1), curve, colours[i], label=f"{i + 1}")
         ax.axhline(config.threshold, color="grey", linestyle=":", linewidth=1)
         for r in rows:
             if r["method"] == method and r["epoch"] == config.epochs and r["frozen_epoch"] != -1:
@@ -304,7 +373,15 @@ def _plot_ncc(rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, path
             ax.set_ylabel("train NCC accuracy", fontsize=8)
             ax.legend(title="layer", fontsize=7, title_fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
+
+
+def write_metrics(
+    rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, out_dir: Path
+) -> None:
+    """metrics.csv / metrics.json of the rows so far (rewritten after every epoch)."""
+    write_csv(rows, out_dir / "metrics.csv")
+    write_json(out_dir / "metrics.json", {"config": asdict(config), "rows": list(rows)})
 
 
 def write_results(
@@ -333,11 +410,18 @@ def format_summary(summary: Sequence[dict[str, object]]) -> str:
     )
     lines = [header]
     for s in summary:
+        if not s["seeds"]:
+            lines.append(f"{s['method']:<20}  every run diverged")
+            continue
+        depth, frozen = (
+            " ".join("-" if v == "-1" else v for v in str(s[k]).split())
+            for k in ("effective_depth", "frozen_epoch")
+        )
         lines.append(
             f"{s['method']:<20}"
             f"{s['test_accuracy_mean']:>9.2f} +- {s['test_accuracy_std']:<4.2f}"
             f"{s['train_accuracy_mean']:>9.2f} +- {s['train_accuracy_std']:<4.2f}"
-            f"{s['trainable_params']:>11.0f}{s['effective_depth']:>12}{s['frozen_epoch']:>12}"
+            f"{s['trainable_params']:>11.0f}{depth:>12}{frozen:>12}"
             f"{s['seconds_per_run']:>8.1f}"
         )
     return "\n".join(lines)
@@ -345,17 +429,21 @@ def format_summary(summary: Sequence[dict[str, object]]) -> str:
 
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    config = config_from_args(
-        AdaptiveETFConfig,
-        args,
-    )
-    out_dir = args.out or default_out_dir(
+    config = config_from_args(AdaptiveETFConfig, args)
+    data = load_training_data(config)
+    _check_config(config, data)
+    if (warning := short_run_warning(config)) is not None:
+        print(warning, file=sys.stderr)
+    default = default_out_dir(
         "adaptive-etf", f"{Path(args.dataset).name}-D{args.depth}-h{args.width}"
     )
-    print(f"output directory: {out_dir}")
-    rows = run_adaptive_etf(config, out_dir=out_dir)
-    paths = write_results(rows, config, out_dir)
+    with open_run(args, "adaptive-etf", {"config": asdict(config)}, default) as run:
+        runs = RunSeries(run, lambda rows: write_metrics(rows, config, run.path))
+        rows = run_adaptive_etf(config, data, runs)
+        paths = write_results(rows, config, run.path)
     print(format_summary(_summary_rows(rows, config)))
+    if runs.diverged:
+        print(runs.report())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
@@ -369,7 +457,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--depth", type=positive_int, default=d.depth, help="hidden layers D")
     parser.add_argument("--width", type=positive_int, default=d.width, help="hidden width h")
     add_optimisation_arguments(parser, d)
-    parser.add_argument("--momentum", type=float, default=d.momentum)
+    parser.add_argument("--momentum", type=nonnegative_float, default=d.momentum)
     parser.add_argument(
         "--fixed-last",
         type=int,

@@ -8,6 +8,12 @@ MNIST / Fashion-MNIST IDX files (``train-images-idx3-ubyte``, ``train-labels-idx
 batches (``data_batch_1..5``, ``test_batch``, possibly in a ``cifar-10-batches-py`` subfolder).
 
 Inputs are standardised with the training split's statistics (per channel for images).
+
+Files are checked as they are read: a `ValueError` names the file and what is wrong with it
+(not the format, truncated, image and label counts that differ, labels that are not 0..K-1 with
+every class in the training split). CIFAR-10 batches are pickles, which can reference any Python
+callable; they are read with a restricted unpickler (`CifarUnpickler`) that admits only what the
+format holds (dicts, lists, bytes, numbers, NumPy arrays and dtypes) and refuses anything else.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from __future__ import annotations
 import gzip
 import pickle
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -25,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "CifarUnpickler",
     "DataSplits",
     "gaussian_mixture",
     "load_cifar10",
@@ -80,25 +89,55 @@ class DataSplits:
         )
 
 
+def _check_labels(source: str, y_train: np.ndarray, y_test: np.ndarray) -> int:
+    """K = max label + 1, after checking that the labels are integers 0..K-1 and that every
+    class occurs in the training split; `ValueError` naming `source` otherwise."""
+    if len(y_train) == 0 or len(y_test) == 0:
+        raise ValueError(f"{source}: the training or the test split is empty")
+    y_all = np.concatenate([y_train, y_test])
+    if not np.issubdtype(y_all.dtype, np.integer):
+        raise ValueError(f"{source}: labels must be integers, got {y_all.dtype}")
+    if y_all.min() < 0:
+        raise ValueError(f"{source}: negative label {y_all.min()}; labels must be 0..K-1")
+    classes = int(y_all.max()) + 1
+    missing = np.setdiff1d(np.arange(classes), y_train)
+    if missing.size:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if missing.size > 5 else "")
+        raise ValueError(
+            f"{source}: labels run from 0 to {classes - 1} but {missing.size} of these classes "
+            f"never occur in the training split ({shown}); labels must be 0..K-1 with every "
+            "class present"
+        )
+    return classes
+
+
 def _standardised(
-    name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+    name: str,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    source: str | None = None,
 ) -> DataSplits:
-    """Standardise with the training statistics (per channel for [N, C, H, W]) and wrap."""
+    """Standardise with the training statistics (per channel for [N, C, H, W]) and wrap; the
+    labels are checked (`_check_labels`, errors naming `source`, default `name`)."""
+    source = source or name
+    for split, x, y in (("training", x_train, y_train), ("test", x_test, y_test)):
+        if len(x) != len(y):
+            raise ValueError(f"{source}: {len(x)} {split} inputs but {len(y)} labels")
+    classes = _check_labels(source, y_train, y_test)
     axes = (0, 2, 3) if x_train.ndim == 4 else tuple(range(x_train.ndim))
     x_train = x_train.astype(np.float64)
     mean = x_train.mean(axis=axes, keepdims=True)
     std = x_train.std(axis=axes, keepdims=True)
     std = np.where(std > 0, std, 1.0)
-    y_all = np.concatenate([y_train, y_test])
-    if y_all.min() < 0:
-        raise ValueError(f"{name}: negative labels in the data")
     return DataSplits(
         name,
         torch.from_numpy(((x_train - mean) / std).astype(np.float32)),
         torch.from_numpy(y_train.astype(np.int64)),
         torch.from_numpy(((x_test.astype(np.float64) - mean) / std).astype(np.float32)),
         torch.from_numpy(y_test.astype(np.int64)),
-        int(y_all.max()) + 1,
+        classes,
     )
 
 
@@ -153,13 +192,21 @@ def gaussian_mixture(
 
 def read_idx(path: str | Path) -> np.ndarray:
     """An IDX file (the MNIST format: 2 zero bytes, a type byte, a dimension count, big-endian
-    uint32 sizes, then the data), optionally gzip-compressed."""
+    uint32 sizes, then the data), optionally gzip-compressed. `ValueError` naming the file if
+    it is not one (or is truncated)."""
     path = Path(path)
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"{path}: not a complete gzip file ({exc})") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
     ndim = raw[3]
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header")
     shape = tuple(int(v) for v in np.frombuffer(raw[4:header], dtype=">u4"))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = int(np.prod(shape)) * dtype.itemsize
@@ -181,23 +228,88 @@ def _find(directory: Path, name: str) -> Path | None:
 def load_idx_dataset(directory: str | Path) -> DataSplits:
     """MNIST or Fashion-MNIST from the four IDX files in `directory`; images [N, 1, 28, 28]."""
     directory = Path(directory)
-    arrays = {}
+    arrays, paths = {}, {}
     for key, name in _IDX_NAMES.items():
         path = _find(directory, name)
         if path is None:
             raise FileNotFoundError(f"{directory} has no {name}[.gz] (MNIST IDX layout)")
         arrays[key] = read_idx(path)
+        paths[key] = path
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim != 3 or y.ndim != 1:
+            raise ValueError(
+                f"{paths[f'x_{split}']} and {paths[f'y_{split}']}: expected images [N, H, W] "
+                f"and labels [N], got shapes {x.shape} and {y.shape}"
+            )
+        if len(x) != len(y):
+            raise ValueError(
+                f"{paths[f'x_{split}']} has {len(x)} images but {paths[f'y_{split}']} has "
+                f"{len(y)} labels"
+            )
     x_train, x_test = (arrays[k][:, None].astype(np.float64) / 255 for k in ("x_train", "x_test"))
+    labels = f"{paths['y_train']} / {paths['y_test']}"
     return _standardised(
-        directory.name or "idx", x_train, arrays["y_train"], x_test, arrays["y_test"]
+        directory.name or "idx", x_train, arrays["y_train"], x_test, arrays["y_test"], labels
     )
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """A pickle reader for CIFAR-10 python batches that resolves only NumPy's array and dtype
+    reconstructors (the one place the format names a callable); any other global, e.g.
+    ``os.system``, is refused with `pickle.UnpicklingError`. Bytes are kept as bytes
+    (``encoding="bytes"``, the format's Python 2 strings)."""
+
+    ALLOWED = frozenset(
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    ) | {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+    }
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__(file, encoding="bytes")
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a CIFAR-10 batch holds only dicts, lists, "
+                "bytes, numbers and NumPy arrays"
+            )
+        return super().find_class(module, name)
+
+
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with path.open("rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return data, np.asarray(batch[b"labels"], dtype=np.int64)
+    """(images [N, 3, 32, 32] uint8, labels [N] int64) of one batch file; `ValueError` naming
+    the file if it is not a CIFAR-10 python batch."""
+    try:
+        with path.open("rb") as f:
+            batch = CifarUnpickler(f).load()
+    except Exception as exc:  # foreign bytes fail in many ways (UnpicklingError, EOFError, ...)
+        raise ValueError(f"{path}: not a CIFAR-10 python batch ({exc})") from exc
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: not a CIFAR-10 python batch (a {type(batch).__name__})")
+    for key in (b"data", b"labels"):
+        if key not in batch:
+            raise ValueError(
+                f"{path}: a CIFAR-10 batch needs the key {key!r}; it has {list(batch)}"
+            )
+    try:
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable data or labels ({exc})") from exc
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.ndim != 1:
+        raise ValueError(
+            f"{path}: expected data [N, 3072] and labels [N], got {data.shape} and {labels.shape}"
+        )
+    if len(data) != len(labels):
+        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def load_cifar10(directory: str | Path) -> DataSplits:
@@ -214,7 +326,8 @@ def load_cifar10(directory: str | Path) -> DataSplits:
     x_test, y_test = _cifar_batch(directory / "test_batch")
     x_train = np.concatenate([x for x, _ in parts]).astype(np.float64) / 255
     y_train = np.concatenate([y for _, y in parts])
-    return _standardised("cifar10", x_train, y_train, x_test.astype(np.float64) / 255, y_test)
+    x_test = x_test.astype(np.float64) / 255
+    return _standardised("cifar10", x_train, y_train, x_test, y_test, f"CIFAR-10 in {directory}")
 
 
 def load_dataset(name: str, seed: int = 0) -> DataSplits:
@@ -228,9 +341,16 @@ def load_dataset(name: str, seed: int = 0) -> DataSplits:
         return gaussian_mixture(seed=seed)
     directory = Path(name)
     if not directory.is_dir():
+        builtin = ", ".join(BUILTIN_DATASETS)
+        if directory.exists():
+            problem = f"dataset {name} is a file, not a directory"
+        elif "/" in name or "\\" in name or name.startswith("."):
+            problem = f"dataset directory {name} does not exist"
+        else:
+            problem = f"unknown dataset {name!r}"
         raise ValueError(
-            f"unknown dataset {name!r}: use one of {', '.join(BUILTIN_DATASETS)} or a directory "
-            "of MNIST/Fashion-MNIST IDX files or CIFAR-10 python batches"
+            f"{problem}: use one of {builtin} or a directory of MNIST/Fashion-MNIST IDX files "
+            "or CIFAR-10 python batches"
         )
     if _find(directory, _IDX_NAMES["x_train"]) is not None:
         return load_idx_dataset(directory)

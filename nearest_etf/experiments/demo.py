@@ -1,5 +1,7 @@
 """`nearest-etf demo`: solve one nearest-ETF problem with every solver and differentiate it with
-every backward mode; print times, objective gaps and gradient errors against the closed form."""
+every backward mode; print times, objective gaps and gradient errors against the closed form.
+The table is also written as demo.csv and demo.json (settings and rows) into the output
+directory (a run directory, docs/runs.md; default runs/demo/d<d>-K<K>-<time>)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from nearest_etf.experiments._common.options import (
+    add_output_arguments,
+    default_out_dir,
+    positive_int,
+)
+from nearest_etf.experiments._common.results import write_csv
+from nearest_etf.experiments._common.runs import UserError, open_run, write_json
 from nearest_etf.nearest import BACKWARDS, SOLVERS, nearest_etf, nearest_etf_objective
 from nearest_etf.synthetic import noisy_etf_problem
 
@@ -60,13 +69,23 @@ def _print_table(rows: list[dict[str, object]], d: int, K: int) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    torch.manual_seed(args.seed)
-    _print_table(run_demo(args.dim, args.classes, args.seed), args.dim, args.classes)
+    if not 2 <= args.classes <= args.dim:
+        raise UserError(f"need 2 <= --classes <= --dim, got K={args.classes}, d={args.dim}")
+    settings = {"dim": args.dim, "classes": args.classes, "seed": args.seed}
+    default = default_out_dir("demo", f"d{args.dim}-K{args.classes}")
+    with open_run(args, "demo", settings, default) as run:
+        torch.manual_seed(args.seed)
+        rows = run_demo(args.dim, args.classes, args.seed)
+        write_csv(rows, run.path / "demo.csv")
+        write_json(run.path / "demo.json", {"settings": settings, "rows": rows})
+    _print_table(rows, args.dim, args.classes)
+    print(f"wrote {run.path / 'demo.csv'}, {run.path / 'demo.json'}")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="solver and backward-mode demo table")
-    parser.add_argument("--dim", type=int, default=64, help="feature dimension d")
-    parser.add_argument("--classes", type=int, default=10, help="number of classes K")
+    parser.add_argument("--dim", type=positive_int, default=64, help="feature dimension d")
+    parser.add_argument("--classes", type=positive_int, default=10, help="number of classes K")
     parser.add_argument("--seed", type=int, default=0)
+    add_output_arguments(parser)
     parser.set_defaults(func=main)

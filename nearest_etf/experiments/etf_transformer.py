@@ -13,16 +13,16 @@ with AdamW and cross-entropy.
 
 Outputs in the output directory: metrics.csv / metrics.json (one row per variant, seed and
 epoch), summary.csv / summary.json (final accuracies, trainable parameters, seconds per run) and
-accuracy.png.
+accuracy.png. The output directory is a run directory (docs/runs.md): metrics are written after
+every epoch, runs are checkpointed every epoch and `--resume DIR` continues an interrupted one.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -41,10 +41,20 @@ from nearest_etf.experiments._common.results import (
     ACCURACY_PANELS,
     final_accuracy_summary,
     plot_mean_curves,
+    write_csv,
     write_metrics_and_summary,
 )
-from nearest_etf.experiments._common.training import eval_loaders, evaluate, step_bar, train_epoch
-from nearest_etf.experiments.data import DataSplits, load_dataset, make_loader
+from nearest_etf.experiments._common.runs import UserError, open_run, write_json
+from nearest_etf.experiments._common.training import (
+    EpochLoop,
+    RunSeries,
+    eval_loaders,
+    evaluate,
+    load_training_data,
+    step_bar,
+    train_epoch,
+)
+from nearest_etf.experiments.data import DataSplits, make_loader
 from nearest_etf.nn.etf_layers import convert_to_etf, trainable_parameters
 
 __all__ = [
@@ -124,12 +134,8 @@ class ETFTransformerConfig(TrainingOptions):
     variants: tuple[str, ...] = VARIANTS
 
 
-def _run(
-    data: DataSplits, config: ETFTransformerConfig, variant: str, seed: int
-) -> list[dict[str, object]]:
-    device = torch.device(config.device)
-    torch.manual_seed(seed)
-    model = PatchTransformer(
+def _model(config: ETFTransformerConfig, data: DataSplits) -> PatchTransformer:
+    return PatchTransformer(
         math.prod(data.input_shape),
         data.num_classes,
         config.patch_size,
@@ -137,7 +143,33 @@ def _run(
         config.ffn_width,
         config.depth,
         config.heads,
-    ).to(device)
+    )
+
+
+def check_config(config: ETFTransformerConfig, data: DataSplits) -> None:
+    """Fail before any training (`UserError`): the variants, the model's shape on `data`."""
+    unknown = [v for v in config.variants if v not in VARIANTS]
+    if unknown or not config.variants:
+        raise UserError(f"variants must be among {VARIANTS}, got {config.variants}")
+    try:
+        _model(config, data)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _run(
+    data: DataSplits,
+    config: ETFTransformerConfig,
+    variant: str,
+    seed: int,
+    loop: EpochLoop | None = None,
+) -> list[dict[str, object]]:
+    """Train one variant; one row per epoch. `loop` (default: a fresh one) checkpoints,
+    resumes and stops a diverged run."""
+    loop = loop or EpochLoop()
+    device = torch.device(config.device)
+    torch.manual_seed(seed)
+    model = _model(config, data).to(device)
     if variant != "baseline":
         convert_to_etf(model, feed_forward_names(model), variant.removeprefix("etf-"))
     optimizer = torch.optim.AdamW(
@@ -151,11 +183,14 @@ def _run(
     eval_train, eval_test = eval_loaders(data)
     total_params = sum(p.numel() for p in model.parameters())
     loss_fn = nn.CrossEntropyLoss()
+    done = loop.start(model, optimizer, loader)
+    rows = loop.rows
     bar = step_bar(config.epochs * len(loader), f"{variant} seed {seed}", config.progress)
-    rows: list[dict[str, object]] = []
-    start = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
+    bar.update(done * len(loader))
+    for epoch in range(done + 1, config.epochs + 1):
         train_loss = train_epoch(model, loader, optimizer, loss_fn, bar.update)
+        if loop.diverged(epoch, train_loss):
+            break
         _, train_accuracy = evaluate(model, eval_train)
         _, test_accuracy = evaluate(model, eval_test)
         row: dict[str, object] = {
@@ -167,28 +202,30 @@ def _run(
             "test_accuracy": test_accuracy,
             "trainable_params": trainable_parameters(model),
             "total_params": total_params,
-            "seconds": time.perf_counter() - start,
+            "seconds": loop.seconds(),
         }
         rows.append(row)
         bar.set_postfix(test_acc=f"{row['test_accuracy']:.1f}")
+        loop.end_epoch(epoch)
     bar.close()
     return rows
 
 
 def run_etf_transformer(
-    config: ETFTransformerConfig, data: DataSplits | None = None
+    config: ETFTransformerConfig, data: DataSplits | None = None, runs: RunSeries | None = None
 ) -> list[dict[str, object]]:
-    """Every variant with seeds 0..seeds-1; all rows."""
-    unknown = [v for v in config.variants if v not in VARIANTS]
-    if unknown or not config.variants:
-        raise ValueError(f"variants must be among {VARIANTS}, got {config.variants}")
-    if data is None:
-        data = load_dataset(config.dataset).subset(config.train_subset, config.test_subset)
-    rows: list[dict[str, object]] = []
+    """Every variant with seeds 0..seeds-1; all rows. With `runs` in a run directory the runs
+    are recorded there (keys <variant>-seed<s>)."""
+    data = data if data is not None else load_training_data(config)
+    check_config(config, data)
+    runs = runs or RunSeries()
     for seed in range(config.seeds):
         for variant in config.variants:
-            rows += _run(data, config, variant, seed)
-    return rows
+            runs.run(
+                f"{variant}-seed{seed}",
+                lambda loop, v=variant, s=seed: _run(data, config, v, s, loop),
+            )
+    return runs.rows
 
 
 def _summary_rows(
@@ -197,6 +234,9 @@ def _summary_rows(
     out = []
     for variant in config.variants:
         final = [r for r in rows if r["variant"] == variant and r["epoch"] == config.epochs]
+        if not final:  # every seed diverged
+            out.append({"variant": variant, "seeds": 0})
+            continue
         summary: dict[str, object] = {"variant": variant, "seeds": len(final)}
         summary |= final_accuracy_summary(final)
         summary["trainable_params"] = int(final[0]["trainable_params"])
@@ -212,6 +252,9 @@ def format_summary(summary: Sequence[dict[str, object]]) -> str:
         f"{'total':>9}{'s/run':>8}"
     ]
     for s in summary:
+        if not s["seeds"]:
+            lines.append(f"{s['variant']:<16}  every run diverged")
+            continue
         lines.append(
             f"{s['variant']:<16}"
             f"{s['test_accuracy_mean']:>9.2f} +- {s['test_accuracy_std']:<4.2f}"
@@ -219,6 +262,14 @@ def format_summary(summary: Sequence[dict[str, object]]) -> str:
             f"{s['trainable_params']:>11}{s['total_params']:>9}{s['seconds_per_run']:>8.1f}"
         )
     return "\n".join(lines)
+
+
+def write_metrics(
+    rows: Sequence[dict[str, object]], config: ETFTransformerConfig, out_dir: Path
+) -> None:
+    """metrics.csv / metrics.json of the rows so far (rewritten after every epoch)."""
+    write_csv(rows, out_dir / "metrics.csv")
+    write_json(out_dir / "metrics.json", {"config": asdict(config), "rows": list(rows)})
 
 
 def write_results(
@@ -230,7 +281,8 @@ def write_results(
     paths = write_metrics_and_summary(config, rows, summary, out_dir)
     paths["accuracy.png"] = out_dir / "accuracy.png"
     labels = {
-        str(s["variant"]): f"{s['variant']} ({s['trainable_params']} trainable)" for s in summary
+        str(s["variant"]): f"{s['variant']} ({s.get('trainable_params', '-')} trainable)"
+        for s in summary
     }
     plot_mean_curves(rows, "variant", labels, ACCURACY_PANELS, paths["accuracy.png"])
     return paths
@@ -239,11 +291,16 @@ def write_results(
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     config = config_from_args(ETFTransformerConfig, args, variants=tuple(args.variants))
-    out_dir = args.out or default_out_dir("etf-transformer", Path(args.dataset).name)
-    print(f"output directory: {out_dir}")
-    rows = run_etf_transformer(config)
-    paths = write_results(rows, config, out_dir)
+    data = load_training_data(config)
+    check_config(config, data)
+    default = default_out_dir("etf-transformer", Path(args.dataset).name)
+    with open_run(args, "etf-transformer", {"config": asdict(config)}, default) as run:
+        runs = RunSeries(run, lambda rows: write_metrics(rows, config, run.path))
+        rows = run_etf_transformer(config, data, runs)
+        paths = write_results(rows, config, run.path)
     print(format_summary(_summary_rows(rows, config)))
+    if runs.diverged:
+        print(runs.report())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 

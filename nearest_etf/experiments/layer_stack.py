@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from nearest_etf._validation import as_float64
+from nearest_etf.experiments._common.runs import atomic_path
 from nearest_etf.experiments.models import MLP, Classifier
 from nearest_etf.nn.heads import HEADS
 
@@ -258,25 +259,34 @@ def save_layer_stack(stack: LayerStack, path: str | Path) -> Path:
         raise TypeError(f"LayerStack.meta must be JSON-serialisable: {exc}") from exc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "format": _FORMAT,
-            "weights": stack.weights,
-            "biases": stack.biases,
-            "activations": stack.activations,
-            "inputs": stack.inputs,
-            "labels": stack.labels,
-            "meta": meta,
-        },
-        path,
-    )
+    with atomic_path(path) as tmp:
+        torch.save(
+            {
+                "format": _FORMAT,
+                "weights": stack.weights,
+                "biases": stack.biases,
+                "activations": stack.activations,
+                "inputs": stack.inputs,
+                "labels": stack.labels,
+                "meta": meta,
+            },
+            tmp,
+        )
     return path
 
 
 def load_layer_stack(path: str | Path) -> LayerStack:
-    """The `LayerStack` written by `save_layer_stack` (torch.load with weights_only=True)."""
-    data = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+    """The `LayerStack` written by `save_layer_stack` (torch.load with weights_only=True).
+    Raises `ValueError` naming the file if it is not such a file (unreadable, truncated, another
+    format)."""
+    try:
+        data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load's failures on foreign bytes have many types
+        raise ValueError(
+            f"{path} is not a network file written by nearest-etf ({type(exc).__name__}: {exc})"
+        ) from exc
+    keys = ("format", "weights", "biases", "activations", "inputs", "labels", "meta")
+    if not isinstance(data, dict) or data.get("format") != _FORMAT or not set(keys) <= set(data):
         raise ValueError(f"{path} is not a layer stack written by save_layer_stack")
     return LayerStack(
         weights=data["weights"],

@@ -88,7 +88,7 @@ def test_adaptive_run_freezes_and_counts_parameters() -> None:
     nearest = [r for r in rows if r["method"] == "adaptive-nearest"]
     assert canonical[0]["train_loss"] == nearest[0]["train_loss"]
     assert canonical[1]["train_loss"] != nearest[1]["train_loss"]
-    with pytest.raises(ValueError, match="batch size"):
+    with pytest.raises(ValueError, match="batch-size 1000 exceeds the 96 training samples"):
         run_adaptive_etf(AdaptiveETFConfig(batch_size=1000, progress=False), data)
     with pytest.raises(ValueError, match="needs h >= K"):
         run_adaptive_etf(AdaptiveETFConfig(width=2, progress=False), data)
@@ -139,9 +139,11 @@ def test_adaptive_etf_command_writes_outputs(tmp_path: Path) -> None:
     assert stack.meta["method"] == "fixed-last-2"
 
 
-def test_bad_dataset_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="unknown dataset"):
+def test_bad_dataset_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
         main(["adaptive-etf", "--dataset", "no-such-thing", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "unknown dataset 'no-such-thing'" in capsys.readouterr().err
 
 
 def test_transformer_ffn_conversion_counts_parameters() -> None:
@@ -197,7 +199,11 @@ def test_etf_transformer_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
     )
     assert (out / "accuracy.png").stat().st_size > 0
     assert "etf-nearest" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="does not divide"):
-        main(["etf-transformer", "--dataset", "digits", "--patch-size", "5", "--no-progress"])
-    with pytest.raises(ValueError, match="batch size"):
-        main(["etf-transformer", "--dataset", "digits", "--train-subset", "60", "--no-progress"])
+    for argv, message in (
+        (["--patch-size", "5"], "patch size 5 does not divide the 64 input features"),
+        (["--train-subset", "60"], "--batch-size 128 exceeds the 60 training samples"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["etf-transformer", "--dataset", "digits", *argv, "--no-progress"])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err

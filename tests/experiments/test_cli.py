@@ -1,3 +1,7 @@
+import csv
+import json
+from pathlib import Path
+
 import pytest
 
 from nearest_etf.experiments.cli import main
@@ -20,12 +24,19 @@ def test_demo_rows_agree_with_closed_form() -> None:
     assert by_method[("fwd+bwd", "cg")]["error"] <= 1e-8
 
 
-def test_demo_command_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
-    main(["demo", "--dim", "6", "--classes", "3"])
+def test_demo_command_prints_and_writes_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["demo", "--dim", "6", "--classes", "3", "--out", str(tmp_path / "d")])
     out = capsys.readouterr().out
-    assert "d=6, K=3" in out
-    for method in ("procrustes", "trust-regions", "riemannian-adam", "analytic", "kkt", "cg"):
+    assert "d=6, K=3" in out and f"output directory: {tmp_path / 'd'}" in out
+    methods = ("procrustes", "trust-regions", "riemannian-adam", "analytic", "kkt", "cg")
+    for method in methods:
         assert method in out
+    with (tmp_path / "d" / "demo.csv").open() as f:
+        assert tuple(r["method"] for r in csv.DictReader(f)) == methods
+    saved = json.loads((tmp_path / "d" / "demo.json").read_text())
+    assert saved["settings"] == {"dim": 6, "classes": 3, "seed": 0} and len(saved["rows"]) == 6
 
 
 def test_unknown_command_exits() -> None:

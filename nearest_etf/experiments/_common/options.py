@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,12 @@ __all__ = [
     "TrainingOptions",
     "add_data_arguments",
     "add_optimisation_arguments",
+    "add_output_arguments",
     "add_run_arguments",
     "config_from_args",
     "default_out_dir",
+    "nonnegative_float",
+    "positive_float",
     "positive_int",
 ]
 
@@ -56,6 +60,49 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0 (learning rates, tolerances)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite float >= 0 (weight decays, momenta)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def add_output_arguments(
+    parser: argparse.ArgumentParser, out_help: str = "output directory"
+) -> None:
+    """--out DIR, --resume DIR and --overwrite: the output-directory policy of every command
+    that writes a run directory (`runs.RunDirectory.open`, docs/runs.md)."""
+    parser.add_argument("--out", type=Path, default=None, help=out_help)
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="continue the interrupted run in DIR with the settings recorded in its manifest",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the files of the run directory --out before running (a non-empty --out "
+        "is refused otherwise)",
+    )
+
+
 def add_data_arguments(
     parser: argparse.ArgumentParser, defaults: TrainingOptions, dataset_help: str = DATASET_HELP
 ) -> None:
@@ -75,8 +122,8 @@ def add_optimisation_arguments(
         "--seeds", type=positive_int, default=defaults.seeds, help="runs with seeds 0..S-1"
     )
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr, help=lr_help)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr, help=lr_help)
+    parser.add_argument("--weight-decay", type=nonnegative_float, default=defaults.weight_decay)
 
 
 def add_run_arguments(
@@ -86,7 +133,8 @@ def add_run_arguments(
     threads: bool = True,
     networks: bool = False,
 ) -> None:
-    """--device, --threads (when `threads`; not a config field), --out, --no-progress and, when
+    """--device, --threads (when `threads`; not a config field), --out / --resume / --overwrite
+    (`add_output_arguments`), --no-progress and, when
     `networks`, --no-networks (`config_from_args` sets the config's `progress` and
     `save_networks` to their negations)."""
     parser.add_argument("--device", default=defaults.device, help=device_help)
@@ -97,7 +145,7 @@ def add_run_arguments(
             default=1,
             help="torch CPU threads (these models are small: more threads mostly add contention)",
         )
-    parser.add_argument("--out", type=Path, default=None, help="output directory")
+    add_output_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     if networks:
         parser.add_argument(

@@ -2,7 +2,9 @@
 
 Executors: "process" (default; concurrent.futures.ProcessPoolExecutor with spawned workers),
 "ray" (a thin adapter over ray.remote / ray.wait, only when ray is importable) and "serial".
-Each unit of work runs torch single-threaded.
+Each unit of work runs torch single-threaded. On SIGINT (Ctrl-C reaches the whole process
+group) worker processes exit at once without a traceback; the main process gets the
+KeyboardInterrupt, pending tasks are cancelled, and the caller records the interruption.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -20,8 +23,14 @@ __all__ = ["EXECUTORS", "map_unordered"]
 EXECUTORS = ("process", "ray", "serial")
 
 
+def _exit_quietly(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
+
+
 def _init_worker() -> None:
     torch.set_num_threads(1)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # as the parent was started
+        signal.signal(signal.SIGINT, _exit_quietly)
 
 
 def _ray_results(fn: Callable, tasks: Sequence, workers: int) -> Iterator:
@@ -57,7 +66,10 @@ def map_unordered(
         yield from map(fn, tasks)
     else:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+        try:
             futures = [pool.submit(fn, task) for task in tasks]
             for future in as_completed(futures):
                 yield future.result()
+        finally:  # on an interruption, do not start the tasks still pending
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -1,10 +1,10 @@
 """Result files (CSV, JSON, PNG curves) and final-epoch summaries shared by the experiment
-commands. Rows are dicts, one per (method, seed, epoch)."""
+commands. Rows are dicts, one per (method, seed, epoch). Every file is written atomically
+(`runs.atomic_path`): an interrupted write never leaves a truncated file."""
 
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -13,11 +13,14 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from nearest_etf.experiments._common.runs import atomic_path, write_json
+
 __all__ = [
     "ACCURACY_PANELS",
     "final_accuracy_summary",
     "mean_curve",
     "plot_mean_curves",
+    "save_figure",
     "write_csv",
     "write_metrics_and_summary",
 ]
@@ -26,13 +29,22 @@ ACCURACY_PANELS = (("train_accuracy", "train accuracy [%]"), ("test_accuracy", "
 
 
 def write_csv(rows: Sequence[Mapping[str, object]], path: Path) -> None:
-    """Write `rows` (dicts with the same keys, the first row's order) as a CSV with a header."""
+    """Write `rows` (dicts) as a CSV with a header: the keys in order of first appearance, a
+    row's missing keys (and None) as empty cells."""
     if not rows:
         raise ValueError(f"no rows to write to {path}")
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def save_figure(fig: Figure, path: Path, dpi: int = 80) -> Path:
+    """Save `fig` as a PNG at `path` (atomically); returns `path`."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return path
 
 
 def write_metrics_and_summary(
@@ -49,12 +61,8 @@ def write_metrics_and_summary(
     }
     write_csv(rows, paths["metrics.csv"])
     write_csv(summary, paths["summary.csv"])
-    paths["metrics.json"].write_text(
-        json.dumps({"config": asdict(config), "rows": list(rows)}, indent=1)
-    )
-    paths["summary.json"].write_text(
-        json.dumps({"config": asdict(config), "summary": list(summary)}, indent=1)
-    )
+    write_json(paths["metrics.json"], {"config": asdict(config), "rows": list(rows)})
+    write_json(paths["summary.json"], {"config": asdict(config), "summary": list(summary)})
     return paths
 
 
@@ -98,4 +106,4 @@ def plot_mean_curves(
         if j == 0:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)

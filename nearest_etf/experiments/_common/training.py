@@ -1,9 +1,21 @@
 """The epoch loop, evaluation and network saving shared by the training commands (`train`,
-`adaptive-etf`, `etf-transformer`)."""
+`adaptive-etf`, `etf-transformer`), and the lifecycle of their runs in a run directory.
+
+A command's runs (one per method/head/variant and seed) go through a `RunSeries`: a finished
+run is read back from the run directory instead of trained again, the run in progress gets an
+`EpochLoop`, and the command's metrics table is rewritten after every epoch. The `EpochLoop`
+is the training loop's hooks: `start` (restore model, optimiser, schedule, loader generator and
+RNG from the run's checkpoint; returns the epochs already done), `diverged` (after each epoch's
+steps: a non-finite or exploding loss or parameter ends the run, its rows so far are kept) and
+`end_epoch` (write the checkpoint). Resumed runs are bit-identical on the CPU to uninterrupted
+ones.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,17 +26,29 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from nearest_etf.experiments.data import DataSplits, make_loader
+from nearest_etf.experiments._common.runs import (
+    RunDirectory,
+    UserError,
+    atomic_path,
+    divergence,
+)
+from nearest_etf.experiments.data import DataSplits, load_dataset, make_loader
 from nearest_etf.experiments.layer_stack import layer_stack_of, save_layer_stack
 
 __all__ = [
     "EVAL_BATCH_SIZE",
+    "EpochLoop",
+    "RunSeries",
+    "check_device",
     "eval_loaders",
     "evaluate",
+    "load_training_data",
     "save_network",
     "step_bar",
     "train_epoch",
 ]
+
+Rows = list[dict[str, object]]
 
 EVAL_BATCH_SIZE = 1024
 
@@ -39,17 +63,29 @@ def train_epoch(
     targets_to_model: bool = False,
 ) -> float:
     """One pass over `loader` in train mode, one optimiser step per batch; the mean step loss.
-    With `targets_to_model` the model is called as model(x, y) (heads that track class means)."""
+    With `targets_to_model` the model is called as model(x, y) (heads that track class means).
+
+    A step whose loss diverges (`runs.divergence`: non-finite or beyond the bound), or whose
+    forward pass fails on non-finite parameters, ends the pass before its update: the return
+    value is then that loss (NaN for a failed forward), for `EpochLoop.diverged`."""
     model.train()
     device = next(model.parameters()).device
     total = 0.0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x, y) if targets_to_model else model(x), y)
+        try:
+            loss = loss_fn(model(x, y) if targets_to_model else model(x), y)
+        except ValueError:  # e.g. the nearest-ETF solve refusing non-finite class means
+            if divergence(0.0, model.parameters()) is None:
+                raise
+            return math.nan
+        value = loss.item()
+        if divergence(value) is not None:
+            return value
         loss.backward()
         optimizer.step()
-        total += loss.item()
+        total += value
         if on_step is not None:
             on_step()
     return total / len(loader)
@@ -109,3 +145,178 @@ def save_network(
     meta |= {k: final_row[k] for k in keys}
     stack = layer_stack_of(model.cpu(), data.x_train, data.y_train, meta)
     save_layer_stack(stack, path)
+
+
+def check_device(device: str) -> None:
+    """`UserError` unless torch can allocate on `device` (e.g. "cuda" without a GPU)."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        raise UserError(f"--device {device}: {exc}") from exc
+
+
+def load_training_data(config: Any) -> DataSplits:
+    """The data set of a training command's config (fields dataset, train_subset, test_subset,
+    batch_size, device), checked before any training: `UserError` naming the problem (an
+    unusable device, an unreadable data set, a training subset smaller than one batch)."""
+    check_device(config.device)
+    try:
+        data = load_dataset(config.dataset)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"--dataset {config.dataset}: {exc}") from exc
+    data = data.subset(config.train_subset, config.test_subset)
+    if len(data.x_train) < config.batch_size:
+        raise UserError(
+            f"--batch-size {config.batch_size} exceeds the {len(data.x_train)} training samples: "
+            "with the incomplete last batch dropped there is no batch to train on"
+        )
+    return data
+
+
+class EpochLoop:
+    """The lifecycle hooks of one training run's epoch loop (see the module docstring).
+
+    With `checkpoint` (a path) every `end_epoch` writes the run's state there atomically and
+    `start` restores it when the file exists; without, the hooks only track rows, time and
+    divergence. `extra` is the command's own state saved with the last checkpoint ({} for a
+    fresh run), available before `start` (e.g. to rebuild a converted network).
+    """
+
+    def __init__(
+        self, checkpoint: Path | None = None, on_epoch: Callable[[Rows], None] | None = None
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.on_epoch = on_epoch
+        self.rows: Rows = []
+        self.divergence: dict[str, object] | None = None
+        self._state: dict[str, Any] | None = None
+        if checkpoint is not None and checkpoint.is_file():
+            self._state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        self.extra: dict[str, Any] = dict(self._state["extra"]) if self._state else {}
+        self._objects: tuple[nn.Module, torch.optim.Optimizer, DataLoader, Any] | None = None
+        self._elapsed = 0.0
+        self._started = time.perf_counter()
+
+    def start(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader: DataLoader,
+        scheduler: Any = None,
+    ) -> int:
+        """Register the run's objects and restore them (and torch's RNG, the rows and the
+        elapsed time) from the checkpoint if there is one; the number of epochs done."""
+        self._objects = (model, optimizer, loader, scheduler)
+        self._started = time.perf_counter()
+        if self._state is None:
+            return 0
+        state = self._state
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if loader.generator is not None:
+            loader.generator.set_state(state["loader_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.rows = list(state["rows"])
+        self._elapsed = float(state["seconds"])
+        return int(state["epoch"])
+
+    def seconds(self) -> float:
+        """Training time of the run so far (across interruptions)."""
+        return self._elapsed + time.perf_counter() - self._started
+
+    def diverged(self, epoch: int, loss: float) -> bool:
+        """After an epoch's steps with mean step loss `loss`: True (and `divergence` set to
+        {"diverged_epoch", "reason"}) if the loss or a parameter of the model diverged."""
+        if self._objects is None:
+            raise RuntimeError("EpochLoop.start must be called before the epoch loop")
+        reason = divergence(loss, self._objects[0].parameters())
+        if reason is None:
+            return False
+        self.record_divergence(epoch, reason)
+        return True
+
+    def record_divergence(self, epoch: int, reason: str) -> None:
+        """Mark the run as diverged in `epoch` (for a loop that detects it itself, e.g. from an
+        exception); `RunSeries` records it and the loop should stop."""
+        self.divergence = {"diverged_epoch": epoch, "reason": reason}
+
+    def end_epoch(self, epoch: int, extra: Mapping[str, Any] | None = None) -> None:
+        """Checkpoint after `epoch` (model, optimiser, schedule, loader generator, RNG, rows,
+        time and `extra`) and report the rows to `on_epoch`."""
+        if self._objects is None:
+            raise RuntimeError("EpochLoop.start must be called before the epoch loop")
+        self.extra = dict(extra or {})
+        if self.checkpoint is not None:
+            model, optimizer, loader, scheduler = self._objects
+            state = {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "loader_generator": (
+                    None if loader.generator is None else loader.generator.get_state()
+                ),
+                "torch_rng": torch.get_rng_state(),
+                "rows": self.rows,
+                "seconds": self.seconds(),
+                "extra": self.extra,
+            }
+            self.checkpoint.parent.mkdir(exist_ok=True)
+            with atomic_path(self.checkpoint) as tmp:
+                torch.save(state, tmp)
+        if self.on_epoch is not None:
+            self.on_epoch(self.rows)
+
+
+class RunSeries:
+    """The runs of a training command, in order, in an optional run directory.
+
+    `run(key, train)` returns the rows of run `key`: read back from the directory if it
+    finished before, else `train(loop)` with an `EpochLoop` checkpointing to the run's
+    checkpoint; then the run is recorded (`RunDirectory.finish`, "diverged" with its epoch and
+    reason if it diverged). `write_rows(rows)` is called with every row so far (finished runs
+    and the epochs of the run in progress) after every epoch and run.
+    """
+
+    def __init__(
+        self,
+        directory: RunDirectory | None = None,
+        write_rows: Callable[[Rows], None] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.write_rows = write_rows
+        self.rows: Rows = []
+        self.diverged: dict[str, dict[str, object]] = {}
+
+    def _write(self, rows: Sequence[dict[str, object]]) -> None:
+        if self.write_rows is not None and rows:
+            self.write_rows(list(rows))
+
+    def run(self, key: str, train: Callable[[EpochLoop], Rows]) -> Rows:
+        record = self.directory.finished(key) if self.directory is not None else None
+        if record is not None:
+            rows: Rows = record["rows"]
+            if record.get("divergence"):
+                self.diverged[key] = record["divergence"]
+        else:
+            checkpoint = None if self.directory is None else self.directory.checkpoint_path(key)
+            loop = EpochLoop(checkpoint, lambda current: self._write(self.rows + current))
+            rows = train(loop)
+            if loop.divergence is not None:
+                self.diverged[key] = loop.divergence
+            if self.directory is not None:
+                record = {"key": key, "rows": rows, "divergence": loop.divergence}
+                record = self.directory.finish(key, record, diverged=loop.divergence is not None)
+                rows = record["rows"]
+        self.rows += rows
+        self._write(self.rows)
+        return rows
+
+    def report(self) -> str:
+        """One line per diverged run ("" if none diverged)."""
+        return "\n".join(
+            f"run {key} diverged in epoch {d['diverged_epoch']}: {d['reason']}"
+            for key, d in self.diverged.items()
+        )

@@ -12,14 +12,14 @@ summary is not overwritten.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from nearest_etf.experiments._common.results import write_csv
+from nearest_etf.experiments._common.results import save_figure, write_csv
+from nearest_etf.experiments._common.runs import UserError, write_json
 from nearest_etf.experiments.bounds.generalisation import (
     BOUND_NAMES,
     DEFAULT_RANK_RTOL,
@@ -34,15 +34,16 @@ _META_KEYS = ("source", "head", "seed", "train_accuracy", "test_accuracy", "foun
 
 
 def network_files(path: Path) -> tuple[Path, list[Path]]:
-    """(output directory, sorted network*.pt files) for a file or a directory."""
+    """(output directory, sorted network*.pt files) for a file or a directory; `UserError` if
+    there is none."""
     path = Path(path)
     if path.is_file():
         return path.parent, [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is neither a network file nor a directory")
+        raise UserError(f"--run {path}: no such network file or directory")
     files = sorted(path.rglob("network*.pt"))
     if not files:
-        raise FileNotFoundError(f"no network*.pt files under {path}")
+        raise UserError(f"--run {path}: no network*.pt files in that directory")
     return path, files
 
 
@@ -72,7 +73,7 @@ def _plot(rows: Sequence[dict[str, object]], path: Path, c1: float, c2: float) -
     ax.set_ylabel(f"bound (C1 = {c1:g}, C2 = {c2:g}, no log factors)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
 
 
 def bounds_of_run(
@@ -90,7 +91,10 @@ def bounds_of_run(
     networks: list[dict] = []
     layer_rows: list[dict[str, object]] = []
     for file in files:
-        stack = load_layer_stack(file)
+        try:
+            stack = load_layer_stack(file)
+        except ValueError as exc:
+            raise UserError(f"--run: {exc}") from exc
         result = network_bounds(stack, rank_rtol, delta, loss_lipschitz, c1, c2)
         name = str(file.relative_to(out_dir).with_suffix(""))
         rows.append(_summary_row(name, stack.meta, result))
@@ -108,7 +112,7 @@ def bounds_of_run(
         "png": out_dir / f"{stem}.png",
     }
     settings = networks[0]["settings"] | {"biases": "per network, see networks[].settings"}
-    paths["json"].write_text(json.dumps({"settings": settings, "networks": networks}, indent=1))
+    write_json(paths["json"], {"settings": settings, "networks": networks})
     write_csv(rows, paths["csv"])
     write_csv(layer_rows, paths["layers_csv"])
     _plot(rows, paths["png"], c1, c2)

@@ -6,7 +6,11 @@ singular values of M, numerical rank #{s_i > rtol s_max}, effective rank, NC1 (p
 cut-off rtol^2 relative to the top eigenvalue of Sigma_B, whose eigenvalues are squared singular
 values), distance to a simplex ETF of the centred means and to an orthogonal frame of M
 (formulas in nearest_etf.metrics.collapse). Undefined entries (all class means equal up to
-||Mbar|| <= 1e-12 ||M||, e.g. a dead layer) are NaN.
+||Mbar|| <= 1e-12 ||M||, e.g. a dead layer) are NaN. When the largest singular value is so small
+that rtol * s_max is not a normal float (e.g. class means decayed to ~1e-320, whose singular
+values are rounding noise) or is non-finite, the rank is undefined: `rank` is None and the other
+statistics are NaN. The same holds, before anything is computed, when the largest feature entry
+is non-finite or that small.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from torch import Tensor
+from torch import Tensor, finfo
 
 from nearest_etf._validation import scale_safe_norm
 from nearest_etf.experiments.dufm.model import DUFMProblem
@@ -41,7 +45,7 @@ class LayerStats:
 
     name: str
     singular_values: list[float]
-    rank: int
+    rank: int | None
     effective_rank: float
     nc1: float
     etf_distance: float
@@ -49,6 +53,12 @@ class LayerStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _resolvable(s_max: float, rtol: float, tiny: float) -> bool:
+    """Whether a rank with cut-off rtol * s_max means anything: s_max finite and either zero
+    (rank 0) or with rtol * s_max a normal float (at least `tiny`, the dtype's smallest)."""
+    return math.isfinite(s_max) and (s_max == 0.0 or rtol * s_max >= tiny)
 
 
 def analyse_layers(
@@ -59,8 +69,15 @@ def analyse_layers(
     K = problem.classes
     for name, rep in problem.representations(params):
         features = rep.detach().T
+        tiny = finfo(features.dtype).tiny
+        if not _resolvable(float(features.abs().max()), rtol, tiny):
+            stats.append(_undefined(name, K))
+            continue
         means, _ = class_means(features, problem.labels, K)
         s = singular_values(means)
+        if not _resolvable(float(s[0]), rtol, tiny):
+            stats.append(_undefined(name, K, [float(v) for v in s]))
+            continue
         zero = float(s[0]) == 0.0
         spread = scale_safe_norm(means - means.mean(dim=0), (0, 1))
         collapsed = float(spread) <= _COLLAPSED_RTOL * float(scale_safe_norm(means, (0, 1)))
@@ -82,8 +99,22 @@ def analyse_layers(
     return stats
 
 
-def hidden_ranks(stats: Sequence[LayerStats]) -> dict[str, int]:
-    """Numerical ranks of the class means of H_1..H_L (inputs of W_1..W_L)."""
+def _undefined(name: str, classes: int, values: Sequence[float] | None = None) -> LayerStats:
+    """LayerStats without a meaningful rank (non-finite or unresolvably small class means)."""
+    return LayerStats(
+        name=name,
+        singular_values=list(values) if values is not None else [math.nan] * classes,
+        rank=None,
+        effective_rank=math.nan,
+        nc1=math.nan,
+        etf_distance=math.nan,
+        orthogonal_frame_distance=math.nan,
+    )
+
+
+def hidden_ranks(stats: Sequence[LayerStats]) -> dict[str, int | None]:
+    """Numerical ranks of the class means of H_1..H_L (inputs of W_1..W_L); None where the rank
+    is undefined."""
     return {s.name: s.rank for s in stats if s.name.startswith("H")}
 
 

@@ -1,20 +1,36 @@
-"""`nearest-etf dufm run | sweep`: the DUFM simulator's command line."""
+"""`nearest-etf dufm run | sweep`: the DUFM simulator's command line.
+
+Both write a run directory (docs/runs.md). Every option is checked before the first step. A
+diverged run is reported, not an error; a sweep also warns when runs had not converged (their
+loss still changing by more than `train.CONVERGED_RTOL` over the last tenth of the steps), since
+unconverged runs can reverse the comparisons the sweep is for. `dufm sweep --resume DIR` runs
+only the runs DIR has not recorded; `dufm run --resume DIR` trains its one run again.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import asdict
 
 import torch
 
-from nearest_etf.experiments._common.options import config_from_args, default_out_dir
+from nearest_etf.experiments._common.options import (
+    add_output_arguments,
+    config_from_args,
+    default_out_dir,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+)
 from nearest_etf.experiments._common.parallel import EXECUTORS
+from nearest_etf.experiments._common.runs import UserError, open_run, user_errors
 from nearest_etf.experiments.dufm.analysis import DEFAULT_RANK_RTOL
 from nearest_etf.experiments.dufm.run import run_experiment
-from nearest_etf.experiments.dufm.sweep import SweepGrid, run_sweep
-from nearest_etf.experiments.dufm.train import OPTIMIZERS, TrainConfig
+from nearest_etf.experiments.dufm.sweep import SweepGrid, check_sweep, run_sweep, sweep_settings
+from nearest_etf.experiments.dufm.train import CONVERGED_RTOL, OPTIMIZERS, TrainConfig
 
 __all__ = ["add_parser"]
 
@@ -26,10 +42,14 @@ def _list_of(kind: Callable) -> Callable[[str], list]:
         try:
             if ":" in text:
                 lo, hi = text.split(":")
-                return list(range(int(lo), int(hi)))
-            return [kind(item) for item in text.split(",") if item.strip()]
-        except ValueError as exc:
+                values = [kind(str(v)) for v in range(int(lo), int(hi))]
+            else:
+                values = [kind(item) for item in text.split(",") if item.strip()]
+        except (ValueError, argparse.ArgumentTypeError) as exc:
             raise argparse.ArgumentTypeError(f"cannot parse {text!r} as a list: {exc}") from exc
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
+        return values
 
     return parse
 
@@ -37,7 +57,9 @@ def _list_of(kind: Callable) -> Callable[[str], list]:
 def _add_training_args(parser: argparse.ArgumentParser, multi: bool) -> None:
     """Model/training options; with ``multi`` the swept ones take comma lists."""
     d = TrainConfig()
-    ints, floats = (_list_of(int), _list_of(float)) if multi else (int, float)
+    ints, rates, decays = (int, positive_float, nonnegative_float)
+    if multi:
+        ints, rates, decays = _list_of(int), _list_of(positive_float), _list_of(nonnegative_float)
     wrap = (lambda v: [v]) if multi else (lambda v: v)
     note = " (comma list)" if multi else ""
     parser.add_argument(
@@ -52,61 +74,85 @@ def _add_training_args(parser: argparse.ArgumentParser, multi: bool) -> None:
         "--per-class", type=ints, default=wrap(d.per_class), help=f"n samples per class{note}"
     )
     parser.add_argument(
-        "--wd", type=floats, default=wrap(d.wd), help=f"lambda for every regulariser{note}"
+        "--wd", type=decays, default=wrap(d.wd), help=f"lambda for every regulariser{note}"
     )
-    parser.add_argument("--lr", type=floats, default=wrap(d.lr), help=f"learning rate{note}")
-    parser.add_argument("--wd-h", type=float, default=None, help="override lambda_H")
+    parser.add_argument("--lr", type=rates, default=wrap(d.lr), help=f"learning rate{note}")
+    parser.add_argument("--wd-h", type=nonnegative_float, default=None, help="override lambda_H")
     parser.add_argument(
         "--wd-w",
-        type=_list_of(float),
+        type=_list_of(nonnegative_float),
         default=None,
         help="override lambda_W_1..lambda_W_L (L comma-separated values)",
     )
     parser.add_argument("--steps", type=int, default=d.steps)
     parser.add_argument(
         "--init-scale",
-        type=float,
+        type=positive_float,
         default=d.init_scale,
         help="std of the Gaussian initialisation of every entry",
     )
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    parser.add_argument("--batch-size", type=int, default=None, help="mini-batch size for sgd")
-    parser.add_argument("--momentum", type=float, default=d.momentum)
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=None, help="mini-batch size for sgd"
+    )
+    parser.add_argument("--momentum", type=nonnegative_float, default=d.momentum)
     parser.add_argument("--dtype", choices=("float64", "float32"), default=d.dtype)
-    parser.add_argument("--record-every", type=int, default=d.record_every)
+    parser.add_argument("--record-every", type=positive_int, default=d.record_every)
     parser.add_argument(
         "--rank-rtol",
-        type=float,
+        type=positive_float,
         default=DEFAULT_RANK_RTOL,
-        help="numerical rank counts s_i > rtol * s_max",
+        help="numerical rank counts s_i > rtol * s_max (0 < rtol < 1)",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="output directory (default runs/dufm/<command>-<time>)",
-    )
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    add_output_arguments(parser, "output directory (default runs/dufm/<command>-<time>)")
 
 
 _SWEPT = ("layers", "classes", "width", "per_class", "wd", "lr")  # comma lists in `sweep`
 
 
 def _config(args: argparse.Namespace, **values: object) -> TrainConfig:
-    """TrainConfig from the parsed options (`values` replace swept lists by one value)."""
+    """TrainConfig from the parsed options (`values` replace swept lists by one value);
+    `UserError` for a bad combination."""
     wd_w = None if args.wd_w is None else tuple(args.wd_w)
-    return config_from_args(TrainConfig, args, wd_w=wd_w, **values)
+    with user_errors():
+        return config_from_args(TrainConfig, args, wd_w=wd_w, **values)
+
+
+def _check_rank_rtol(rtol: float) -> None:
+    if not 0 < rtol < 1:
+        raise UserError(f"--rank-rtol must lie in (0, 1), got {rtol}")
+
+
+def _not_converged_warning(count: int, total: int) -> str:
+    return (
+        f"warning: {count} of {total} runs had not converged (loss still changing by more than "
+        f"{CONVERGED_RTOL:g} over the last tenth of the steps); their ranks and DNC verdicts "
+        "may change with more --steps"
+    )
 
 
 def _run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     config = _config(args)
-    out = args.out or default_out_dir("dufm", "run")
-    summary = run_experiment(config, out, args.rank_rtol)
+    _check_rank_rtol(args.rank_rtol)
+    settings = {"config": asdict(config), "rank_rtol": args.rank_rtol}
+    with open_run(args, "dufm run", settings, default_out_dir("dufm", "run")) as run:
+        summary = run_experiment(config, run.path, args.rank_rtol, not args.no_progress)
+        run.update(runs={"run": "diverged" if summary["diverged"] else "finished"})
+    if summary["diverged"]:
+        print(
+            f"the run diverged at step {summary['diverged_step']}: {summary['divergence']}; "
+            f"its loss curve up to there is in {run.path}"
+        )
+        return
     keys = ("loss", "fit", "reg", "dnc_loss", "srg_loss", "loss_over_dnc", "inner_rank")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     ranks = {k[5:]: v for k, v in summary.items() if k.startswith("rank_H")}
     print(f"class-mean ranks (rtol {args.rank_rtol:g}): {ranks}")
-    print(f"results written to {out}")
+    if summary["converged"] is False:
+        print(_not_converged_warning(1, 1), file=sys.stderr)
+    print(f"results written to {run.path}")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -116,22 +162,31 @@ def _sweep(args: argparse.Namespace) -> None:
         seeds=list(range(args.seed_start, args.seed_start + args.seeds)),
         **{name: getattr(args, name) for name in _SWEPT},
     )
-    for config in grid.configs():  # fail fast on bad combinations, before spawning workers
-        config.problem()
-    out = args.out or default_out_dir("dufm", "sweep")
-    summary = run_sweep(
-        grid,
-        out,
-        executor=args.executor,
-        workers=args.workers,
-        srg_layers=args.srg_layers,
-        srg_r=[] if args.no_srg else args.srg_r,
-        srg_wd=args.srg_wd,
-        rank_rtol=args.rank_rtol,
-    )
-    keys = ("runs", "found_dnc", "below_dnc", "mean_inner_rank", "figures")
-    print(json.dumps({k: summary[k] for k in keys}, indent=2))
-    print(f"results written to {out}")
+    srg_r = [] if args.no_srg else args.srg_r
+    with user_errors():  # every setting, before spawning workers
+        check_sweep(grid, args.srg_layers, srg_r, args.srg_wd, args.rank_rtol)
+    settings = sweep_settings(grid, args.srg_layers, srg_r, args.srg_wd, args.rank_rtol)
+    with open_run(args, "dufm sweep", settings, default_out_dir("dufm", "sweep")) as run:
+        summary = run_sweep(
+            grid,
+            run,
+            executor=args.executor,
+            workers=args.workers,
+            srg_layers=args.srg_layers,
+            srg_r=srg_r,
+            srg_wd=args.srg_wd,
+            rank_rtol=args.rank_rtol,
+            progress=not args.no_progress,
+        )
+    keys = ("runs", "diverged", "not_converged", "found_dnc", "below_dnc", "mean_inner_rank")
+    print(json.dumps({k: summary[k] for k in (*keys, "figures")}, indent=2))
+    if summary["diverged"]:
+        diverged = [f"{key}" for key in run.diverged_runs()]
+        print(f"{summary['diverged']} of {summary['runs']} runs diverged: {', '.join(diverged)}")
+    if summary["not_converged"]:
+        valid = summary["runs"] - summary["diverged"]
+        print(_not_converged_warning(summary["not_converged"], valid), file=sys.stderr)
+    print(f"results written to {run.path}")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -146,10 +201,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.set_defaults(func=_run)
     sweep = commands.add_parser("sweep", help="parallel sweep over wd, lr, width, L, K, n, seeds")
     _add_training_args(sweep, multi=True)
-    sweep.add_argument("--seeds", type=int, default=10, help="number of seeds per setting")
+    sweep.add_argument("--seeds", type=positive_int, default=10, help="number of seeds per setting")
     sweep.add_argument("--seed-start", type=int, default=0)
     sweep.add_argument("--executor", choices=EXECUTORS, default="process")
-    sweep.add_argument("--workers", type=int, default=None, help="default: CPU count")
+    sweep.add_argument("--workers", type=positive_int, default=None, help="default: CPU count")
     sweep.add_argument("--srg-layers", type=_list_of(int), default=[3, 4, 5])
     sweep.add_argument(
         "--srg-r",
@@ -159,7 +214,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     sweep.add_argument(
         "--srg-wd",
-        type=float,
+        type=positive_float,
         default=0.004,
         help="lambda (all regularisers) of the L_SRG/L_DNC curve",
     )

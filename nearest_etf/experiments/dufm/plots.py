@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from nearest_etf.experiments._common.results import save_figure
 from nearest_etf.experiments.dufm.analysis import LayerStats
 from nearest_etf.experiments.dufm.reference import ReferenceLosses
 from nearest_etf.experiments.dufm.train import TrainResult
@@ -25,8 +27,7 @@ _DPI = 80
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    return path
+    return save_figure(fig, path, dpi=_DPI)
 
 
 def plot_loss_curve(result: TrainResult, refs: ReferenceLosses, path: Path) -> Path:
@@ -34,15 +35,20 @@ def plot_loss_curve(result: TrainResult, refs: ReferenceLosses, path: Path) -> P
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     total = [f + r for f, r in zip(result.fit, result.reg, strict=True)]
-    ax.plot(result.steps, total, label="loss")
-    ax.plot(result.steps, result.fit, label="fit", lw=0.8)
-    ax.plot(result.steps, result.reg, label="regularisation", lw=0.8)
+    # a diverged run's last point may be inf or NaN: draw the finite part
+    n = len(total) - (not math.isfinite(total[-1])) if total else 0
+    ax.plot(result.steps[:n], total[:n], label="loss")
+    ax.plot(result.steps[:n], result.fit[:n], label="fit", lw=0.8)
+    ax.plot(result.steps[:n], result.reg[:n], label="regularisation", lw=0.8)
     ax.axhline(refs.dnc, color="k", ls="--", label=f"DNC {refs.dnc:.4f}")
     if refs.srg is not None:
         ax.axhline(refs.srg, color="r", ls=":", label=f"SRG {refs.srg:.4f}")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_title(f"final loss {total[-1]:.4f}")
+    if result.diverged:
+        ax.set_title(f"diverged at step {result.diverged_step}: {result.divergence}", fontsize=9)
+    else:
+        ax.set_title(f"final loss {total[-1]:.4f}")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -52,7 +58,7 @@ def plot_singular_values(stats: Sequence[LayerStats], rtol: float, path: Path) -
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     for s in stats:
-        if s.singular_values[0] > 0:
+        if s.rank is not None and s.singular_values[0] > 0:
             sv = [v / s.singular_values[0] for v in s.singular_values]
             ax.semilogy(
                 range(1, len(sv) + 1), sv, marker="o", ms=3, label=f"{s.name} (rank {s.rank})"
@@ -65,9 +71,12 @@ def plot_singular_values(stats: Sequence[LayerStats], rtol: float, path: Path) -
 
 
 def _grouped_mean(rows: Sequence[dict], x: str, y: str, group: str) -> dict:
+    """Per group, (x, mean of y) sorted by x over the rows where y is defined (not None: a
+    diverged run or an undefined rank)."""
     acc: dict = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        acc[row[group]][row[x]].append(float(row[y]))
+        if row[y] is not None and not row.get("diverged"):
+            acc[row[group]][row[x]].append(float(row[y]))
     return {
         g: sorted((k, sum(v) / len(v)) for k, v in by_x.items()) for g, by_x in sorted(acc.items())
     }

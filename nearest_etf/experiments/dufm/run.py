@@ -1,9 +1,14 @@
-"""One DUFM experiment end to end: train, evaluate references, analyse layers, write outputs."""
+"""One DUFM experiment end to end: train, evaluate references, analyse layers, write outputs.
+
+A diverged run (`train.TrainResult.diverged`) is a result: its summary row has the step and the
+reason, its loss curve up to that step is written, and everything computed from its final point
+(the layer analysis, ranks, loss over L_DNC, found_dnc, the network file) is skipped (None).
+"""
 
 from __future__ import annotations
 
 import functools
-import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -11,6 +16,7 @@ from pathlib import Path
 from torch import Tensor
 
 from nearest_etf.experiments._common.results import write_csv
+from nearest_etf.experiments._common.runs import write_json
 from nearest_etf.experiments.dufm.analysis import (
     DEFAULT_RANK_RTOL,
     LayerStats,
@@ -20,7 +26,12 @@ from nearest_etf.experiments.dufm.analysis import (
 )
 from nearest_etf.experiments.dufm.model import DUFMProblem
 from nearest_etf.experiments.dufm.reference import ReferenceLosses, reference_losses
-from nearest_etf.experiments.dufm.train import TrainConfig, TrainResult, train_dufm
+from nearest_etf.experiments.dufm.train import (
+    CONVERGED_RTOL,
+    TrainConfig,
+    TrainResult,
+    train_dufm,
+)
 from nearest_etf.experiments.layer_stack import LayerStack, save_layer_stack
 
 _DNC_LOSS_RTOL = 1.01
@@ -58,35 +69,56 @@ def summarise(
 ) -> dict:
     """Flat summary of a run: config, loss split, references, ranks of H_1..H_L, DNC flag.
 
-    inner_rank = mean numerical rank of the class means of H_1..H_{L-1}; found_dnc = every H_l
-    has full rank K and the loss is within 1% of L_DNC (full relative rank alone is also met by
-    runs decaying to the trivial zero solution).
+    inner_rank = mean numerical rank of the class means of H_1..H_{L-1} (None if one is
+    undefined); found_dnc = every H_l has full rank K and the loss is within 1% of L_DNC (full
+    relative rank alone is also met by runs decaying to the trivial zero solution);
+    loss_change = `TrainResult.loss_change`, converged = loss_change <= CONVERGED_RTOL. For a
+    diverged run: the last recorded loss, diverged_step, divergence, and None for everything
+    computed from the final point.
     """
     problem = result.config.problem()
-    return _summary(result, refs, rank_rtol, analyse_layers(problem, result.params, rank_rtol))
+    stats = None if result.diverged else analyse_layers(problem, result.params, rank_rtol)
+    return _summary(result, refs, rank_rtol, stats)
 
 
 def _summary(
-    result: TrainResult, refs: ReferenceLosses, rank_rtol: float, stats: Sequence[LayerStats]
+    result: TrainResult,
+    refs: ReferenceLosses,
+    rank_rtol: float,
+    stats: Sequence[LayerStats] | None,
 ) -> dict:
-    """`summarise` with the `analyse_layers` result at `rank_rtol` already computed."""
+    """`summarise` with the `analyse_layers` result at `rank_rtol` already computed (None for
+    a diverged run)."""
     problem = result.config.problem()
-    ranks = hidden_ranks(stats)
+    names = [f"H{layer}" for layer in range(1, problem.layers + 1)]
+    ranks = dict.fromkeys(names) if stats is None else hidden_ranks(stats)
     inner = [ranks[f"H{layer}"] for layer in range(1, problem.layers)]
-    final = result.final
+    inner_rank = None if None in inner else sum(inner) / len(inner)  # type: ignore[arg-type]
+    if result.diverged:  # the last recorded loss (the final point may not be finite)
+        fit, reg = result.fit[-1], result.reg[-1]
+    else:
+        fit, reg = result.final.fit, result.final.reg
+    change = result.loss_change()
+    meaningful = stats is not None
     return {
         **asdict(result.config),
-        "fit": final.fit,
-        "reg": final.reg,
-        "loss": final.total,
+        "fit": fit,
+        "reg": reg,
+        "loss": fit + reg,
         "dnc_loss": refs.dnc,
         "srg_loss": refs.srg,
-        "loss_over_dnc": final.total / refs.dnc,
+        "loss_over_dnc": (fit + reg) / refs.dnc if meaningful else None,
         **{f"rank_{name}": rank for name, rank in ranks.items()},
-        "inner_rank": sum(inner) / len(inner),
-        "found_dnc": is_dnc(stats, problem.classes) and final.total <= _DNC_LOSS_RTOL * refs.dnc,
+        "inner_rank": inner_rank,
+        "found_dnc": meaningful
+        and is_dnc(stats, problem.classes)  # type: ignore[arg-type]
+        and fit + reg <= _DNC_LOSS_RTOL * refs.dnc,
         "rank_rtol": rank_rtol,
         "diverged": result.diverged,
+        "diverged_step": result.diverged_step,
+        "divergence": result.divergence,
+        "loss_change": None if math.isnan(change) else change,
+        "converged": None if math.isnan(change) else change <= CONVERGED_RTOL,
         "seconds": result.seconds,
     }
 
@@ -110,35 +142,37 @@ def layer_stack_of_dufm(
 def run_experiment(
     config: TrainConfig, out: Path, rank_rtol: float = DEFAULT_RANK_RTOL, progress: bool = True
 ) -> dict:
-    """Train with a progress bar and write to ``out``: loss_curve.csv, layers.csv,
-    summary.json, loss_curve.png, singular_values.png and network.pt (`layer_stack_of_dufm`,
-    for `nearest-etf bounds`). Returns the summary."""
+    """Train with a progress bar and write to ``out``: loss_curve.csv, summary.json,
+    loss_curve.png and, unless the run diverged, layers.csv, singular_values.png and network.pt
+    (`layer_stack_of_dufm`, for `nearest-etf bounds`). Returns the summary."""
     from nearest_etf.experiments.dufm.plots import plot_loss_curve, plot_singular_values
 
     out.mkdir(parents=True, exist_ok=True)
     result = train_dufm(config, progress=progress)
     problem = config.problem()
     refs = cached_reference_losses(problem)
-    stats = analyse_layers(problem, result.params, rank_rtol)
+    stats = None if result.diverged else analyse_layers(problem, result.params, rank_rtol)
     summary = _summary(result, refs, rank_rtol, stats)
     summary["srg_construction_loss"] = refs.srg_construction
     summary["srg_over_dnc"] = refs.srg_over_dnc
-    summary["layers_analysis"] = [s.to_dict() for s in stats]
+    summary["layers_analysis"] = None if stats is None else [s.to_dict() for s in stats]
     curve = [
         {"step": step, "fit": fit, "reg": reg, "loss": fit + reg}
         for step, fit, reg in zip(result.steps, result.fit, result.reg, strict=True)
     ]
     write_csv(curve, out / "loss_curve.csv")
+    write_json(out / "summary.json", summary)
+    plot_loss_curve(result, refs, out / "loss_curve.png")
+    if stats is None:
+        return summary
     layer_rows = [
         {k: v for k, v in s.to_dict().items() if k != "singular_values"}
         | {"singular_values": " ".join(f"{v:.6g}" for v in s.singular_values)}
         for s in stats
     ]
     write_csv(layer_rows, out / "layers.csv")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     meta = {"source": "dufm run", "config": asdict(config), "found_dnc": summary["found_dnc"]}
     meta |= {"loss_over_dnc": summary["loss_over_dnc"], "inner_rank": summary["inner_rank"]}
     save_layer_stack(layer_stack_of_dufm(problem, result.params, meta), out / "network.pt")
-    plot_loss_curve(result, refs, out / "loss_curve.png")
     plot_singular_values(stats, rank_rtol, out / "singular_values.png")
     return summary

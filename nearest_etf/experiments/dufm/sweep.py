@@ -1,12 +1,12 @@
 """Sweeps of DUFM runs and of the SRG/DNC loss ratio, executed in parallel on one of the
-executors of `nearest_etf.experiments._common.parallel`."""
+executors of `nearest_etf.experiments._common.parallel`, in a run directory (docs/runs.md):
+each finished run is recorded as it arrives and a resumed sweep runs only the others."""
 
 from __future__ import annotations
 
 import itertools
-import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +14,14 @@ from tqdm.auto import tqdm
 
 from nearest_etf.experiments._common.parallel import map_unordered
 from nearest_etf.experiments._common.results import write_csv
+from nearest_etf.experiments._common.runs import RunDirectory, write_json
 from nearest_etf.experiments.dufm.analysis import DEFAULT_RANK_RTOL
 from nearest_etf.experiments.dufm.model import DUFMProblem
 from nearest_etf.experiments.dufm.reference import reference_losses
 from nearest_etf.experiments.dufm.run import run_and_summarise
 from nearest_etf.experiments.dufm.train import TrainConfig
 
-__all__ = ["SweepGrid", "run_sweep", "srg_ratio_row"]
+__all__ = ["SweepGrid", "check_sweep", "run_sweep", "srg_ratio_row", "sweep_settings"]
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,9 @@ class SweepGrid:
         ]
 
 
-def _run_task(task: tuple[TrainConfig, float]) -> dict:
-    return run_and_summarise(*task)
+def _run_task(task: tuple[int, TrainConfig, float]) -> tuple[int, dict]:
+    index, config, rank_rtol = task
+    return index, run_and_summarise(config, rank_rtol)
 
 
 def srg_ratio_row(task: tuple[int, int, float]) -> dict:
@@ -71,13 +73,63 @@ def srg_ratio_row(task: tuple[int, int, float]) -> dict:
     }
 
 
-def _collect(results: Iterable, total: int, desc: str, progress: bool) -> list[dict]:
-    return list(tqdm(results, total=total, desc=desc, disable=not progress))
+def _collect(results: Iterable, total: int, desc: str, progress: bool) -> Iterator:
+    return iter(tqdm(results, total=total, desc=desc, disable=not progress))
+
+
+def check_sweep(
+    grid: SweepGrid,
+    srg_layers: Sequence[int],
+    srg_r: Sequence[int],
+    srg_wd: float,
+    rank_rtol: float,
+) -> None:
+    """Check every setting of a sweep before anything runs (`ValueError` naming it): every
+    configuration of the grid, at least one seed, every (layers, r) of the SRG curve (r >= 3,
+    so that K = r(r-1)/2 >= 2 classes) and 0 < rank_rtol < 1."""
+    if not grid.seeds:
+        raise ValueError("a sweep needs at least one seed (--seeds >= 1)")
+    for config in grid.configs():
+        config.problem()
+    for r in srg_r:
+        if r < 3:
+            raise ValueError(
+                f"--srg-r {r}: the SRG construction needs r >= 3 (K = r(r-1)/2 >= 2 classes)"
+            )
+    for layers in srg_layers:
+        DUFMProblem(layers, 3, 3, 1, srg_wd, srg_wd)
+    if not 0 < rank_rtol < 1:
+        raise ValueError(f"--rank-rtol must lie in (0, 1), got {rank_rtol}")
+
+
+def sweep_settings(
+    grid: SweepGrid,
+    srg_layers: Sequence[int],
+    srg_r: Sequence[int],
+    srg_wd: float,
+    rank_rtol: float,
+) -> dict[str, Any]:
+    """What defines a sweep's results (a run directory's manifest settings)."""
+    return {
+        "grid": asdict(grid),
+        "srg_layers": list(srg_layers),
+        "srg_r": list(srg_r),
+        "srg_wd": srg_wd,
+        "rank_rtol": rank_rtol,
+    }
+
+
+def _run_key(index: int) -> str:
+    return f"run-{index:04d}"
+
+
+def _srg_key(layers: int, r: int) -> str:
+    return f"srg-L{layers}-r{r}"
 
 
 def run_sweep(
     grid: SweepGrid,
-    out: Path,
+    out: Path | RunDirectory,
     executor: str = "process",
     workers: int | None = None,
     srg_layers: Sequence[int] = (3, 4, 5),
@@ -87,44 +139,75 @@ def run_sweep(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every configuration of ``grid`` (and the SRG ratio for ``srg_layers`` x ``srg_r`` at
-    every lambda = ``srg_wd``), writing runs.csv, srg_ratio.csv, sweep.json and the plots whose
-    axis varies: rank_vs_wd.png, dnc_probability_vs_width.png, srg_ratio.png."""
+    every lambda = ``srg_wd``) in the run directory ``out`` (a path is opened as a new one),
+    writing runs.csv and srg_ratio.csv as results arrive, then sweep.json and the plots whose
+    axis varies: rank_vs_wd.png, dnc_probability_vs_width.png, srg_ratio.png.
+
+    Every finished run is recorded in the run directory (keys run-<grid index>, srg-L<l>-r<r>);
+    runs recorded before (a resumed sweep) are not run again. Rows are in grid order. A run
+    that diverged is a row with diverged = True (`run.summarise`); the summary counts the runs
+    that diverged and those that had not converged."""
     from nearest_etf.experiments.dufm import plots
 
-    out.mkdir(parents=True, exist_ok=True)
+    check_sweep(grid, srg_layers, srg_r, srg_wd, rank_rtol)
+    if not isinstance(out, RunDirectory):
+        settings = sweep_settings(grid, srg_layers, srg_r, srg_wd, rank_rtol)
+        out = RunDirectory.open(out, "dufm sweep", settings)
+    run = out
     configs = grid.configs()
-    tasks: list = [(config, rank_rtol) for config in configs]
-    rows = _collect(
+    rows: dict[int, dict] = {}
+    for index in range(len(configs)):
+        if (record := run.finished(_run_key(index))) is not None:
+            rows[index] = record
+    tasks = [(i, config, rank_rtol) for i, config in enumerate(configs) if i not in rows]
+    for index, row in _collect(
         map_unordered(_run_task, tasks, executor, workers), len(tasks), "dufm runs", progress
-    )
-    rows.sort(key=lambda row: tuple(str(row[k]) for k in ("layers", "classes", "width", "wd")))
-    srg_tasks = [(layers, r, srg_wd) for layers in srg_layers for r in srg_r]
-    srg_rows = _collect(
+    ):
+        rows[index] = run.finish(_run_key(index), row, diverged=bool(row["diverged"]))
+        write_csv([rows[i] for i in sorted(rows)], run.path / "runs.csv")
+    srg_rows: dict[tuple[int, int], dict] = {}
+    for layers in srg_layers:
+        for r in srg_r:
+            if (record := run.finished(_srg_key(layers, r))) is not None:
+                srg_rows[(layers, r)] = record
+    srg_tasks = [
+        (layers, r, srg_wd) for layers in srg_layers for r in srg_r if (layers, r) not in srg_rows
+    ]
+    for row in _collect(
         map_unordered(srg_ratio_row, srg_tasks, executor, workers),
         len(srg_tasks),
         "SRG references",
         progress,
-    )
-    srg_rows.sort(key=lambda row: (row["layers"], row["r"]))
+    ):
+        srg_rows[(row["layers"], row["r"])] = run.finish(_srg_key(row["layers"], row["r"]), row)
+        write_csv([srg_rows[k] for k in sorted(srg_rows)], run.path / "srg_ratio.csv")
+    ordered = [rows[i] for i in sorted(rows)]
+    srg_ordered = [srg_rows[k] for k in sorted(srg_rows)]
     figures = []
-    if rows:
-        write_csv(rows, out / "runs.csv")
-        if len({row["wd"] for row in rows}) > 1:
-            figures.append(plots.plot_rank_vs_wd(rows, out / "rank_vs_wd.png"))
-        if len({row["width"] for row in rows}) > 1:
+    if ordered:
+        write_csv(ordered, run.path / "runs.csv")
+        if len({row["wd"] for row in ordered}) > 1:
+            figures.append(plots.plot_rank_vs_wd(ordered, run.path / "rank_vs_wd.png"))
+        if len({row["width"] for row in ordered}) > 1:
             figures.append(
-                plots.plot_dnc_probability_vs_width(rows, out / "dnc_probability_vs_width.png")
+                plots.plot_dnc_probability_vs_width(
+                    ordered, run.path / "dnc_probability_vs_width.png"
+                )
             )
-    if srg_rows:
-        write_csv(srg_rows, out / "srg_ratio.csv")
-        figures.append(plots.plot_srg_ratio(srg_rows, out / "srg_ratio.png"))
+    if srg_ordered:
+        write_csv(srg_ordered, run.path / "srg_ratio.csv")
+        figures.append(plots.plot_srg_ratio(srg_ordered, run.path / "srg_ratio.png"))
+    valid = [row for row in ordered if not row["diverged"]]
+    ranks = [row["inner_rank"] for row in valid if row["inner_rank"] is not None]
     summary = {
-        "runs": len(rows),
-        "found_dnc": sum(bool(row["found_dnc"]) for row in rows),
-        "mean_inner_rank": sum(row["inner_rank"] for row in rows) / len(rows) if rows else None,
-        "below_dnc": sum(row["loss"] < row["dnc_loss"] for row in rows),
-        "srg_ratio": srg_rows,
+        "runs": len(ordered),
+        "diverged": len(ordered) - len(valid),
+        "not_converged": sum(row["converged"] is False for row in valid),
+        "found_dnc": sum(bool(row["found_dnc"]) for row in valid),
+        "mean_inner_rank": sum(ranks) / len(ranks) if ranks else None,
+        "below_dnc": sum(row["loss"] < row["dnc_loss"] for row in valid),
+        "srg_ratio": srg_ordered,
         "figures": [str(p) for p in figures],
     }
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+    write_json(run.path / "sweep.json", summary)
     return summary

@@ -2,6 +2,11 @@
 
 Gradients come from the explicit backward of `DUFMProblem.loss_and_grad`; the update rule is
 torch.optim's (SGD with the full batch is plain gradient descent).
+
+At every recorded step the run is checked for divergence (`runs.divergence`: a non-finite loss
+or parameter, or one beyond `runs.DIVERGENCE_BOUND`); a diverged run stops there, keeping its
+curve up to and including that step. `TrainResult.loss_change` measures how far a finished run
+still was from convergence (`CONVERGED_RTOL`).
 """
 
 from __future__ import annotations
@@ -14,9 +19,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from nearest_etf.experiments._common.runs import divergence
 from nearest_etf.experiments.dufm.model import DUFMProblem, LossParts, one_torch_thread
 
-__all__ = ["OPTIMIZERS", "TrainConfig", "TrainResult", "train_dufm"]
+__all__ = ["CONVERGED_RTOL", "OPTIMIZERS", "TrainConfig", "TrainResult", "train_dufm"]
+
+# A run counts as converged when its loss changed by at most this fraction over the last tenth
+# of its steps (`TrainResult.loss_change`).
+CONVERGED_RTOL = 1e-3
 
 OPTIMIZERS = ("gd", "sgd", "adam")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -53,8 +63,12 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.init_scale) and self.init_scale > 0):
+            raise ValueError(f"init_scale must be a finite number > 0, got {self.init_scale}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"steps must be a non-negative int, got {self.steps!r}")
         if self.record_every < 1:
@@ -66,8 +80,9 @@ class TrainConfig:
                 f"optimizer 'sgd' needs 1 <= batch_size <= N={self.classes * self.per_class}, "
                 f"got {self.batch_size}"
             )
-        if self.wd < 0:
-            raise ValueError(f"wd must be non-negative, got {self.wd}")
+        for name, values in (("wd", [self.wd]), ("wd_h", [self.wd_h]), ("wd_w", self.wd_w)):
+            if any(not (math.isfinite(v) and v >= 0) for v in values or () if v is not None):
+                raise ValueError(f"{name} must be finite and non-negative, got {values}")
         self.problem()  # validates the model arguments
 
     def problem(self) -> DUFMProblem:
@@ -87,7 +102,10 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """Final parameters [H_1, W_1..W_L], the recorded loss curve and run statistics."""
+    """Final parameters [H_1, W_1..W_L], the recorded loss curve and run statistics.
+
+    A diverged run has ``diverged`` set, ``diverged_step`` (the recorded step where it was
+    detected) and ``divergence`` (why); its parameters are those of that step."""
 
     config: TrainConfig
     params: list[Tensor]
@@ -95,11 +113,26 @@ class TrainResult:
     fit: list[float] = field(default_factory=list)
     reg: list[float] = field(default_factory=list)
     diverged: bool = False
+    diverged_step: int | None = None
+    divergence: str | None = None
     seconds: float = 0.0
 
     @property
     def final(self) -> LossParts:
         return self.config.problem().loss_parts(self.params)
+
+    def loss_change(self, fraction: float = 0.1) -> float:
+        """|loss(t0) - loss(T)| / |loss(T)| over the recorded curve, t0 the last recorded step
+        at or before (1 - fraction) T (NaN for a curve of fewer than two points or a diverged
+        run). At most `CONVERGED_RTOL` counts as converged."""
+        if self.diverged or len(self.steps) < 2:
+            return math.nan
+        total = [f + r for f, r in zip(self.fit, self.reg, strict=True)]
+        cut = (1 - fraction) * self.steps[-1]
+        start = max(i for i, step in enumerate(self.steps[:-1]) if step <= cut)
+        if total[-1] == 0:
+            return 0.0 if total[start] == 0 else math.inf
+        return abs(total[start] - total[-1]) / abs(total[-1])
 
 
 def _optimizer(config: TrainConfig, params: list[Tensor]) -> torch.optim.Optimizer:
@@ -111,8 +144,9 @@ def _optimizer(config: TrainConfig, params: list[Tensor]) -> torch.optim.Optimiz
 def train_dufm(config: TrainConfig, progress: bool = False) -> TrainResult:
     """Train from the seeded Gaussian initialisation for ``config.steps`` steps.
 
-    Stops early (``diverged=True``) if the loss becomes non-finite. The loss is recorded every
-    ``record_every`` steps and at the last step.
+    The loss is recorded every ``record_every`` steps and at the last step. Stops early
+    (``diverged=True``, with the step and the reason) at a recorded step where the loss or a
+    parameter is non-finite or beyond the divergence bound (`runs.divergence`).
     """
     with one_torch_thread():
         return _train(config, progress)
@@ -139,8 +173,9 @@ def _train(config: TrainConfig, progress: bool) -> TrainResult:
             result.fit.append(parts.fit)
             result.reg.append(parts.reg)
             bar.set_postfix(loss=f"{parts.total:.6f}", refresh=False)
-            if not math.isfinite(parts.total):
-                result.diverged = True
+            reason = divergence(parts.total, params)
+            if reason is not None:
+                result.diverged, result.diverged_step, result.divergence = True, step, reason
                 break
         if step == config.steps:
             break

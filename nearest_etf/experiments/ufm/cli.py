@@ -4,6 +4,10 @@ Writes to the output directory: ``curves.csv`` (one row per run and recorded ste
 ``study.json`` (configuration, lr tuning scores, chosen lrs, summary rows and every curve),
 ``summary.csv``, ``summary.txt`` (the printed table) and ``ufm.png`` (two rows of panels: every
 method at the shared lr, and every method at its best lr; mean over seeds with the min-max band).
+
+The output directory is a run directory (docs/runs.md): each finished run is recorded
+(units/<method>-lr<lr>-seed<s>.json) and ``curves.csv`` rewritten as it finishes, and
+``--resume DIR`` trains only the runs DIR has not recorded.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import argparse
 import csv
 import json
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +24,23 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from nearest_etf.experiments._common.options import config_from_args, default_out_dir
-from nearest_etf.experiments._common.results import write_csv
+from nearest_etf.experiments._common.options import (
+    add_output_arguments,
+    config_from_args,
+    default_out_dir,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+)
+from nearest_etf.experiments._common.results import save_figure, write_csv
+from nearest_etf.experiments._common.runs import (
+    RunDirectory,
+    atomic_path,
+    open_run,
+    user_errors,
+    write_json,
+    write_text,
+)
 from nearest_etf.experiments.ufm.study import (
     METHODS,
     METRICS,
@@ -30,6 +48,7 @@ from nearest_etf.experiments.ufm.study import (
     Study,
     UFMConfig,
     UFMRun,
+    check_study,
     run_study,
     summarise_study,
     thresholds,
@@ -109,7 +128,7 @@ def plot_study(study: Study, path: Path) -> Path:
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=70)
+    save_figure(fig, path, dpi=70)
     return path
 
 
@@ -160,19 +179,26 @@ def format_summary(study: Study, rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_curves(runs: Sequence[UFMRun], path: Path) -> None:
+    """curves.csv: one row per run (sorted by method, lr, seed) and recorded step."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "lr", "seed", "step", *METRICS])
+        for run in sorted(runs, key=lambda r: r.key):
+            for i, step in enumerate(run.steps):
+                writer.writerow(
+                    [run.method, run.lr, run.seed, step, *(run.curves[m][i] for m in METRICS)]
+                )
+
+
 def write_study(study: Study, out: Path, command: str = "") -> dict:
     """Write curves.csv, summary.csv, summary.txt, study.json and ufm.png into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     rows = summarise_study(study)
-    with open(out / "curves.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "lr", "seed", "step", *METRICS])
-        for (method, lr, seed), run in sorted(study.runs.items()):
-            for i, step in enumerate(run.steps):
-                writer.writerow([method, lr, seed, step, *(run.curves[m][i] for m in METRICS)])
+    write_curves(list(study.runs.values()), out / "curves.csv")
     write_csv(rows, out / "summary.csv")
     text = format_summary(study, rows)
-    (out / "summary.txt").write_text(text + "\n")
+    write_text(out / "summary.txt", text + "\n")
     figure = plot_study(study, out / "ufm.png")
     record = {
         "command": command,
@@ -188,21 +214,10 @@ def write_study(study: Study, out: Path, command: str = "") -> dict:
         "comparisons": study.comparisons,
         "thresholds": thresholds(study.config),
         "summary": rows,
-        "runs": [
-            {
-                "method": r.method,
-                "lr": r.lr,
-                "seed": r.seed,
-                "diverged": r.diverged,
-                "seconds": r.seconds,
-                "steps": r.steps,
-                "curves": r.curves,
-            }
-            for _, r in sorted(study.runs.items())
-        ],
+        "runs": [r.to_dict() for _, r in sorted(study.runs.items())],
         "figure": str(figure),
     }
-    (out / "study.json").write_text(json.dumps(record, indent=1))
+    write_json(out / "study.json", record)
     return record
 
 
@@ -211,9 +226,8 @@ def read_study(path: Path) -> tuple[Study, str]:
     record = json.loads(path.read_text())
     runs = {}
     for r in record["runs"]:
-        run = UFMRun(r["method"], r["lr"], r["seed"], r["steps"], r["curves"], r["diverged"])
-        run.seconds = r["seconds"]
-        runs[(run.method, run.lr, run.seed)] = run
+        run = UFMRun.from_dict(r)
+        runs[run.key] = run
     study = Study(
         config=UFMConfig(**record["config"]),
         methods=record["methods"],
@@ -230,11 +244,15 @@ def read_study(path: Path) -> tuple[Study, str]:
     return study, record["command"]
 
 
-def _floats(text: str) -> list[float]:
+def _rates(text: str) -> list[float]:
+    """argparse type: a comma list of finite learning rates > 0."""
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"cannot parse {text!r} as numbers: {exc}") from exc
+        values = [positive_float(v) for v in text.split(",") if v.strip()]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"cannot parse {text!r}: {exc}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
+    return values
 
 
 def _methods(text: str) -> list[str]:
@@ -247,34 +265,71 @@ def _methods(text: str) -> list[str]:
     return methods
 
 
+def _run_key(run: UFMRun) -> str:
+    return f"{run.method}-lr{run.lr!r}-seed{run.seed}"
+
+
+def _recorded_runs(run_dir: RunDirectory) -> dict[tuple[str, float, int], UFMRun]:
+    """The runs a (resumed) run directory has recorded."""
+    runs = [UFMRun.from_dict(run_dir.finished(key) or {}) for key in run_dir.runs()]
+    return {run.key: run for run in runs}
+
+
 def main(args: argparse.Namespace) -> None:
     if args.replot is not None:
-        study, command = read_study(args.replot)
+        with user_errors():
+            study, command = read_study(args.replot)
         out = args.out or args.replot.parent
         write_study(study, out, command)
         print((out / "summary.txt").read_text(), end="")
         return
-    config = config_from_args(
-        UFMConfig, args, feature_norm=None if args.feature_norm <= 0 else args.feature_norm
-    )
-    lr_grid = args.lr_grid if args.lr_grid else [args.lr]
+    with user_errors():
+        config = config_from_args(
+            UFMConfig, args, feature_norm=None if args.feature_norm <= 0 else args.feature_norm
+        )
+        lr_grid = args.lr_grid if args.lr_grid else [args.lr]
+        seeds = list(range(args.seeds))
+        check_study(args.methods, seeds, lr_grid, args.lr, args.tune_seed, args.workers)
     torch.set_num_threads(args.threads)
-    out = args.out or default_out_dir("ufm", f"K{args.classes}")
+    settings = {
+        "config": config.to_dict(),
+        "methods": args.methods,
+        "seeds": seeds,
+        "lr_grid": sorted(set(lr_grid)),
+        "shared_lr": args.lr,
+        "tune_seed": args.tune_seed,
+    }
     start = time.perf_counter()
-    study = run_study(
-        config,
-        args.methods,
-        list(range(args.seeds)),
-        lr_grid,
-        args.lr,
-        tune_seed=args.tune_seed,
-        workers=args.workers,
-        progress=not args.no_progress,
-    )
-    command = "nearest-etf " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["ufm"] else ""
-    write_study(study, out, command)
-    print((out / "summary.txt").read_text(), end="")
-    print(f"\nwall time {time.perf_counter() - start:.1f} s; results in {out}")
+    with open_run(args, "ufm", settings, default_out_dir("ufm", f"K{args.classes}")) as run:
+        done = _recorded_runs(run)
+        finished = dict(done)
+
+        def record(new: UFMRun) -> None:
+            finished[new.key] = UFMRun.from_dict(
+                run.finish(_run_key(new), new.to_dict(), diverged=new.diverged)
+            )
+            write_curves(list(finished.values()), run.path / "curves.csv")
+
+        study = run_study(
+            config,
+            args.methods,
+            seeds,
+            lr_grid,
+            args.lr,
+            tune_seed=args.tune_seed,
+            workers=args.workers,
+            progress=not args.no_progress,
+            done=done,
+            on_run=record,
+        )
+        study.runs = {key: finished[key] for key in study.runs}
+        command = " ".join(["nearest-etf", *(getattr(args, "argv", None) or ["ufm"])])
+        write_study(study, run.path, command)
+    print((run.path / "summary.txt").read_text(), end="")
+    diverged = run.diverged_runs()
+    if diverged:
+        print(f"{len(diverged)} of {len(study.runs)} runs diverged: {', '.join(diverged)}")
+    print(f"\nwall time {time.perf_counter() - start:.1f} s; results in {run.path}")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -287,7 +342,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--classes", type=int, default=d.classes, help="K")
     parser.add_argument("--dim", type=int, default=d.dim, help="feature dimension d >= K")
-    parser.add_argument("--per-class", type=int, default=d.per_class, help="n samples per class")
+    parser.add_argument(
+        "--per-class", type=positive_int, default=d.per_class, help="n samples per class"
+    )
     parser.add_argument("--steps", type=int, default=d.steps, help="full-batch steps T")
     parser.add_argument(
         "--methods",
@@ -295,33 +352,48 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=["learned", "fixed", "implicit", "implicit-none"],
         help=f"comma list from {', '.join(METHODS)}",
     )
-    parser.add_argument("--seeds", type=int, default=5, help="evaluation seeds 0..S-1")
-    parser.add_argument("--lr", type=float, default=10.0, help="the shared learning rate")
+    parser.add_argument("--seeds", type=positive_int, default=5, help="evaluation seeds 0..S-1")
+    parser.add_argument("--lr", type=positive_float, default=10.0, help="the shared learning rate")
     parser.add_argument(
         "--lr-grid",
-        type=_floats,
+        type=_rates,
         default=[1.0, 3.0, 10.0, 30.0, 100.0],
         help="comma list each method picks its best lr from (one value: no tuning)",
     )
     parser.add_argument("--tune-seed", type=int, default=1000, help="seed the lr is tuned on")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    parser.add_argument(
+        "--momentum", type=nonnegative_float, default=d.momentum, help="SGD momentum"
+    )
     parser.add_argument(
         "--feature-norm", type=float, default=d.feature_norm, help="tau (<= 0: no normalisation)"
     )
-    parser.add_argument("--feature-wd", type=float, default=d.feature_wd, help="wd on H")
-    parser.add_argument("--head-wd", type=float, default=d.head_wd, help="wd on a learned W, b")
-    parser.add_argument("--init-scale", type=float, default=d.init_scale, help="row norm of H_0")
-    parser.add_argument("--delta", type=float, default=d.delta, help="implicit heads' prox weight")
+    parser.add_argument(
+        "--feature-wd", type=nonnegative_float, default=d.feature_wd, help="wd on H"
+    )
+    parser.add_argument(
+        "--head-wd", type=nonnegative_float, default=d.head_wd, help="wd on a learned W, b"
+    )
+    parser.add_argument(
+        "--init-scale", type=positive_float, default=d.init_scale, help="row norm of H_0"
+    )
+    parser.add_argument(
+        "--delta", type=nonnegative_float, default=d.delta, help="implicit heads' prox weight"
+    )
     parser.add_argument(
         "--records", type=int, default=d.records, help="recorded steps (log-spaced; > T: all)"
     )
     parser.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
-    parser.add_argument("--workers", type=int, default=2, help="processes (1: in this process)")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads in this process (with --workers 1)"
+        "--workers", type=positive_int, default=2, help="processes (1: in this process)"
     )
-    parser.add_argument("--out", type=Path, default=None, help="output directory")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch threads in this process (with --workers 1)",
+    )
+    add_output_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument(
         "--replot",

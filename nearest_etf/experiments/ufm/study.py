@@ -23,7 +23,10 @@ and the average cosine margin of the classifier.
 
 A study (`run_study`) is a fair comparison: every method at one shared lr,
 and every method at its own best lr from the same grid (chosen on a separate tuning seed by
-`selection_score`, with the same step budget), each over the same evaluation seeds.
+`selection_score`, with the same step budget), each over the same evaluation seeds. A run
+whose loss or parameters diverge (`runs.divergence`) stops there with its curve so far and the
+step; `run_study` can skip runs finished before (`done`) and report each new one (`on_run`), which
+is how the command writes as it goes and resumes.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -40,6 +43,7 @@ from tqdm.auto import tqdm
 
 from nearest_etf import metrics
 from nearest_etf.experiments._common.parallel import map_unordered
+from nearest_etf.experiments._common.runs import divergence
 from nearest_etf.nn.heads import make_head
 
 __all__ = [
@@ -50,6 +54,7 @@ __all__ = [
     "Study",
     "UFMConfig",
     "UFMRun",
+    "check_study",
     "etf_loss_floor",
     "first_crossing",
     "run_study",
@@ -126,10 +131,13 @@ class UFMConfig:
         if self.feature_norm is not None and not self.feature_norm > 0:
             raise ValueError(f"feature_norm must be positive or None, got {self.feature_norm}")
         for name in ("feature_wd", "head_wd", "momentum", "delta"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
-        if not self.init_scale > 0:
-            raise ValueError(f"init_scale must be positive, got {self.init_scale}")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and non-negative, got {value}")
+        if not (math.isfinite(self.init_scale) and self.init_scale > 0):
+            raise ValueError(f"init_scale must be a finite number > 0, got {self.init_scale}")
+        if self.feature_norm is not None and not math.isfinite(self.feature_norm):
+            raise ValueError(f"feature_norm must be finite, got {self.feature_norm}")
 
     @property
     def num_samples(self) -> int:
@@ -222,7 +230,8 @@ def step_metrics(
 
 @dataclass
 class UFMRun:
-    """One trained UFM: the recorded steps and one list per metric of `METRICS`."""
+    """One trained UFM: the recorded steps and one list per metric of `METRICS`; a diverged
+    run has the step where it stopped and why."""
 
     method: str
     lr: float
@@ -231,20 +240,34 @@ class UFMRun:
     curves: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
     diverged: bool = False
     seconds: float = 0.0
+    diverged_step: int | None = None
+    divergence: str | None = None
 
     def final(self, metric: str) -> float:
         return self.curves[metric][-1] if self.curves[metric] else math.nan
+
+    @property
+    def key(self) -> tuple[str, float, int]:
+        return (self.method, self.lr, self.seed)
+
+    def to_dict(self) -> dict:
+        """The run as plain JSON-serialisable values (`from_dict` inverts it)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> UFMRun:
+        return cls(**record)
 
 
 def run_ufm(config: UFMConfig, method: str, lr: float, seed: int, progress: bool = False) -> UFMRun:
     """Train the UFM of ``method`` at learning rate ``lr`` from ``seed`` for ``config.steps``.
 
     Deterministic for a given (config, method, lr, seed) on a given machine and thread count.
-    Stops early with ``diverged=True`` if the loss or the features become non-finite.
+    Stops early with ``diverged=True`` (and the step and reason) when the loss or a parameter
+    becomes non-finite or exceeds the divergence bound (`runs.divergence`).
     """
     _check_method(method)
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
+    _check_lr(lr)
     model = UFM(config, method, seed)
     optimizer = _optimizer(model, lr)
     run = UFMRun(method=method, lr=lr, seed=seed)
@@ -262,8 +285,9 @@ def run_ufm(config: UFMConfig, method: str, lr: float, seed: int, progress: bool
         optimizer.zero_grad(set_to_none=True)
         F, logits = model()
         loss = nn.functional.cross_entropy(logits, model.labels)
-        if not (torch.isfinite(loss) and torch.isfinite(F).all()):
-            run.diverged = True
+        reason = divergence(float(loss.detach()), model.parameters())
+        if reason is not None:
+            run.diverged, run.diverged_step, run.divergence = True, step, reason
             break
         if step in record:
             W, b = model.head.classifier()
@@ -369,14 +393,28 @@ def _run_task(task: tuple[UFMConfig, str, float, int]) -> UFMRun:
     return run_ufm(*task)
 
 
+def _check_lr(lr: float) -> None:
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"learning rates (lr) must be finite numbers > 0, got {lr}")
+
+
+Key = tuple[str, float, int]
+
+
 def _run_all(
     config: UFMConfig,
-    keys: Iterable[tuple[str, float, int]],
+    keys: Iterable[Key],
     workers: int,
     progress: bool,
     desc: str,
-) -> dict[tuple[str, float, int], UFMRun]:
+    done: Mapping[Key, UFMRun],
+    on_run: Callable[[UFMRun], None] | None,
+) -> dict[Key, UFMRun]:
+    """Every run of `keys` (deduplicated): those in `done` as they are, the others trained and
+    reported to `on_run` as each finishes."""
     keys = list(dict.fromkeys(keys))
+    found = {key: done[key] for key in keys if key in done}
+    keys = [key for key in keys if key not in done]
     if workers == 1:
         bar = tqdm(keys, desc=desc, unit="run", disable=not progress)
         results: Iterable[UFMRun] = (
@@ -391,7 +429,31 @@ def _run_all(
             unit="run",
             disable=not progress,
         )
-    return {(r.method, r.lr, r.seed): r for r in results}
+    for run in results:
+        found[run.key] = run
+        if on_run is not None:
+            on_run(run)
+    return found
+
+
+def check_study(
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    lr_grid: Sequence[float],
+    shared_lr: float,
+    tune_seed: int,
+    workers: int,
+) -> None:
+    """`ValueError` naming the first bad setting of a study (see `run_study`)."""
+    for method in methods:
+        _check_method(method)
+    if not methods or not seeds or not lr_grid:
+        raise ValueError("methods, seeds and lr_grid must be non-empty")
+    if tune_seed in seeds:
+        raise ValueError(f"tune_seed {tune_seed} must differ from the evaluation seeds {seeds}")
+    for lr in [*lr_grid, shared_lr]:
+        _check_lr(lr)
+    _positive_int("workers", workers)
 
 
 def run_study(
@@ -403,23 +465,19 @@ def run_study(
     tune_seed: int = 1000,
     workers: int = 1,
     progress: bool = True,
+    done: Mapping[Key, UFMRun] | None = None,
+    on_run: Callable[[UFMRun], None] | None = None,
 ) -> Study:
     """Tune each method's lr on ``tune_seed`` over ``lr_grid`` (same steps), then run every
     method over ``seeds`` at ``shared_lr`` and at its best lr. Runs in ``workers`` processes
-    (each single-threaded) or, with workers=1, in this process with a bar over the steps."""
-    for method in methods:
-        _check_method(method)
-    if not methods or not seeds or not lr_grid:
-        raise ValueError("methods, seeds and lr_grid must be non-empty")
-    if tune_seed in seeds:
-        raise ValueError(f"tune_seed {tune_seed} must differ from the evaluation seeds {seeds}")
-    for lr in [*lr_grid, shared_lr]:
-        if not lr > 0:
-            raise ValueError(f"learning rates must be positive, got {lr}")
-    _positive_int("workers", workers)
+    (each single-threaded) or, with workers=1, in this process with a bar over the steps.
+    Runs in ``done`` (keyed by (method, lr, seed)) are used instead of trained again; every
+    newly trained run is passed to ``on_run`` when it finishes."""
+    check_study(methods, seeds, lr_grid, shared_lr, tune_seed, workers)
+    done = done or {}
     methods, seeds, lr_grid = list(methods), list(seeds), sorted(set(lr_grid))
     tune_keys = [(m, lr, tune_seed) for m in methods for lr in lr_grid] if len(lr_grid) > 1 else []
-    runs = _run_all(config, tune_keys, workers, progress, "lr tuning")
+    runs = _run_all(config, tune_keys, workers, progress, "lr tuning", done, on_run)
     tuning = {
         m: {
             lr: selection_score(runs[(m, lr, tune_seed)], config) if tune_keys else 0.0
@@ -429,7 +487,7 @@ def run_study(
     }
     best_lr = {m: min(tuning[m], key=lambda lr, m=m: tuning[m][lr]) for m in methods}
     eval_keys = [(m, lr, s) for m in methods for lr in (shared_lr, best_lr[m]) for s in seeds]
-    runs.update(_run_all(config, eval_keys, workers, progress, "evaluation"))
+    runs.update(_run_all(config, eval_keys, workers, progress, "evaluation", done, on_run))
     return Study(config, methods, seeds, tune_seed, lr_grid, shared_lr, runs, tuning, best_lr)
 
 
