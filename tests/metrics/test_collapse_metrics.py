@@ -70,7 +70,7 @@ def test_hand_computed_values():
     # NCC: centres 0 and 10 on a line; nearest centres (0, 1, 1) vs predictions (0, 0, 1).
     means = torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=F64)
     features = torch.tensor([[1.0, 0.0], [9.0, 0.0], [6.0, 0.0]], dtype=F64)
-    assert ncc_mismatch(features, torch.tensor([0, 0, 1]), means) == pytest.approx(100 / 3)
+    assert ncc_mismatch(features, torch.tensor([0, 0, 1]), means) == pytest.approx(1 / 3)
     # h = (2, 1), W = I: cos with w_0 is 2/sqrt(5), with w_1 is 1/sqrt(5).
     h = torch.tensor([[2.0, 1.0]], dtype=F64)
     margin0 = cosine_margin(h, torch.tensor([0]), eye)
@@ -119,7 +119,7 @@ def test_ncc_mismatch_and_margin_match_brute_force_loops():
     preds = (features @ W.T).argmax(1)
     X, M = features.numpy(), means.numpy()
     ncc = [int(np.argmin([np.linalg.norm(x - m) for m in M])) for x in X]
-    expected = 100 * np.mean([p != q for p, q in zip(preds.tolist(), ncc, strict=True)])
+    expected = np.mean([p != q for p, q in zip(preds.tolist(), ncc, strict=True)])
     assert ncc_mismatch(features, preds, means) == pytest.approx(expected)
     margins = []
     for x, y in zip(X - mu.numpy(), labels.tolist(), strict=True):
@@ -148,7 +148,7 @@ def test_streaming_metrics_equal_in_memory_metrics():
     preds = logits.argmax(1)
     assert out["ncc_mismatch"] == pytest.approx(ncc_mismatch(features32, preds, means))
     assert out["cosine_margin"] == pytest.approx(float(cosine_margin(features32, labels, W, mu)))
-    assert out["accuracy"] == pytest.approx(100 * float((preds == labels).double().mean()))
+    assert out["accuracy"] == pytest.approx(float((preds == labels).double().mean()))
     assert out["equinorm_means"] == pytest.approx(float(equinorm(means - mu)), rel=1e-9)
     assert out["nearest_etf_distance"] == pytest.approx(
         float(nearest_etf_distance(means, mu)), rel=1e-6
