@@ -268,12 +268,13 @@ def variability_collapse_index(
     the total covariance of the features when the classes are balanced. rank(Sigma_B) is the
     numerical rank at ``rtol``, min(d, K - 1) for centred means in general position (the
     reference code's denominator); ``rtol`` is also the pseudo-inverse cut-off of Sigma_T, both
-    relative to the largest eigenvalue (None: eps * d). tr(Sigma_T^+ Sigma_B) / rank(Sigma_B) is
-    the fraction of the best linear probe's explained variance, so VCI is invariant to
-    invertible linear maps of the features (NC1 is not: within-class noise outside the span of
-    the means, or linearly separable from it, leaves VCI at 0). Computed without d x d products
-    on the shifted, power-of-two rescaled features (`_variability_collapse`). ValueError if all
-    class means coincide (Sigma_B = 0: VCI undefined).
+    relative to the largest eigenvalue (None: eps * d). For balanced classes
+    tr(Sigma_T^+ Sigma_B) is the sum of the squared canonical correlations between the features
+    and the one-hot labels, so VCI is invariant to invertible linear maps of the features (NC1
+    is not: within-class deviations linearly independent of the class-mean directions leave VCI
+    at 0). Computed without d x d products on the shifted, power-of-two rescaled features
+    (`_variability_collapse`). ValueError if all class means coincide (Sigma_B = 0: VCI
+    undefined).
     """
     features = _check_features(features, labels, num_classes)
     within, centred = _scaled_statistics(features, labels, num_classes, global_mean_of, "VCI")
