@@ -191,7 +191,7 @@ def _class_means_coincide(features: Tensor, labels: Tensor, num_classes: int) ->
 
 def _scaled_statistics(
     features: Tensor, labels: Tensor, num_classes: int, global_mean_of: str, what: str
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """(c (x - M_y), c Mbar) for checked features: the within-class deviations [N, d] and the
     centred means [K, d] (Mbar = means - mu_G, mu_G as `global_mean_of`) of the features x
     shifted by their first row and rescaled by an exact power of two (`_shift_and_scale`), at the
