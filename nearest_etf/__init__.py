@@ -26,6 +26,7 @@ from nearest_etf.metrics.collapse import (
     CollapseStatistics,
     bias_collapse,
     class_means,
+    class_numerical_rank,
     classifier_etf_distance,
     collapse_metrics,
     cosine_margin,
@@ -40,7 +41,9 @@ from nearest_etf.metrics.collapse import (
     orthogonal_frame_distance,
     rank_of_singular_values,
     self_duality,
+    self_duality_product,
     singular_values,
+    variability_collapse_index,
 )
 from nearest_etf.metrics.layer_probe import effective_depth, layer_collapse, layer_outputs
 from nearest_etf.nearest import (
@@ -89,6 +92,7 @@ __all__ = [
     "centering_matrix",
     "centre_columns",
     "class_means",
+    "class_numerical_rank",
     "classifier_etf_distance",
     "collapse_metrics",
     "conjugate_gradient",
@@ -123,9 +127,11 @@ __all__ = [
     "random_stiefel",
     "rank_of_singular_values",
     "self_duality",
+    "self_duality_product",
     "simplex_etf",
     "singular_values",
     "trainable_parameters",
+    "variability_collapse_index",
 ]
 
 # Names that moved to nearest_etf.experiments: importable from here, with a warning, for one

@@ -132,6 +132,24 @@ METRICS: dict[str, tuple[Call, tuple[str, ...], tuple[str, ...], int]] = {
         ("means", "global_mean"),
         0,
     ),
+    "variability_collapse_index": (
+        lambda t: metrics.variability_collapse_index(t["features"], t["labels"], K),
+        ("features",),
+        ("features",),
+        0,
+    ),
+    "class_numerical_rank": (
+        lambda t: metrics.class_numerical_rank(t["features"], t["labels"], K),
+        ("features",),
+        ("features",),
+        0,
+    ),
+    "self_duality_product": (
+        lambda t: metrics.self_duality_product(t["weight"], t["means"], t["global_mean"]),
+        ("weight", "means", "global_mean"),
+        ("means", "global_mean"),
+        0,
+    ),
 }
 
 
@@ -355,7 +373,7 @@ def test_collapse_metrics_needs_two_passes():
     t = _data()
     batches = _batches(t)
     expected = collapse_metrics(batches, t["weight"], t["bias"], K)
-    oracle = 100.0 * float(
+    oracle = float(
         ((t["features"] @ t["weight"].T + t["bias"]).argmax(1) == t["labels"]).double().mean()
     )
     assert expected["accuracy"] == pytest.approx(oracle)

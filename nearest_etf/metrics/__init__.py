@@ -5,6 +5,7 @@ from nearest_etf.metrics.collapse import (
     CollapseStatistics,
     bias_collapse,
     class_means,
+    class_numerical_rank,
     classifier_etf_distance,
     collapse_metrics,
     cosine_margin,
@@ -19,7 +20,9 @@ from nearest_etf.metrics.collapse import (
     orthogonal_frame_distance,
     rank_of_singular_values,
     self_duality,
+    self_duality_product,
     singular_values,
+    variability_collapse_index,
 )
 from nearest_etf.metrics.layer_probe import (
     effective_depth,
@@ -31,6 +34,7 @@ __all__ = [
     "CollapseStatistics",
     "bias_collapse",
     "class_means",
+    "class_numerical_rank",
     "classifier_etf_distance",
     "collapse_metrics",
     "cosine_margin",
@@ -48,5 +52,7 @@ __all__ = [
     "orthogonal_frame_distance",
     "rank_of_singular_values",
     "self_duality",
+    "self_duality_product",
     "singular_values",
+    "variability_collapse_index",
 ]

@@ -2,12 +2,19 @@
 
 Conventions: features are row-major, ``features[N, d]`` with integer ``labels[N]`` in
 ``{0, ..., K-1}``; class means are returned as rows, ``means[K, d]`` (row k = mean of class k).
-A column-major feature matrix H[d, N] (as in the DUFM) is passed as ``H.T``.
+A column-major feature matrix H[d, N] (as in the DUFM) is passed as ``H.T``. Rates (accuracy,
+NCC accuracy, NCC mismatch) are fractions in [0, 1], never percentages.
 
-Formulas (docs/math.md §4):
+Formulas (docs/math.md §4; docs/metrics.md maps each to its name in the literature):
 
+- mu_k the class means, n_k the class sizes, mu_G the global mean: by default the mean of the
+  samples, sum_k n_k mu_k / N (`global_mean_of="samples"`), or the mean of the class means,
+  sum_k mu_k / K (`global_mean_of="classes"`); the two agree for balanced classes. Functions
+  that take class means without counts use the mean of the means unless given mu_G.
 - NC1 = tr(Sigma_W Sigma_B^+) / K, Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T,
   Sigma_B = (1/K) sum_k (mu_k - mu_G)(mu_k - mu_G)^T.
+- VCI = 1 - tr(Sigma_T^+ Sigma_B) / rank(Sigma_B), Sigma_T = Sigma_W + Sigma_B (Xu & Liu 2023).
+- Per-class numerical rank: mean_k (||H_k||_* / ||H_k||_F)^2, H_k the rows of class k.
 - Distance to a simplex ETF of the centred means Mbar (rows mu_k - mu_G), via the Gram matrix
   so that it is rotation invariant: || G / ||G|| - M_K / ||M_K|| ||_F with G = Mbar Mbar^T.
   Because M_K^T M_K = sqrt(K/(K-1)) M_K, the normalised Gram of any simplex ETF U M_K is exactly
@@ -17,8 +24,9 @@ Formulas (docs/math.md §4):
 - Numerical rank at relative tolerance rtol: #{i : s_i > rtol * s_max}.
 - Effective rank (Roy & Vetterli 2007): exp(-sum_i p_i log p_i), p_i = s_i / sum_j s_j.
 - Classifier W[K, d] (rows w_k), bias b[K]: NC2 of W, || W W^T/||W W^T|| - M_K/||M_K|| ||_F;
-  NC3 (self-duality) || W/||W|| - Mbar/||Mbar|| ||_F^2; bias collapse ||W mu_G + b||;
-  equinorm std_k ||r_k|| / mean_k ||r_k||; NCC mismatch (NC4) = percent of samples whose
+  NC3 (self-duality, Papyan's form) || W/||W|| - Mbar/||Mbar|| ||_F^2, and NC3 in the product
+  form || W Mbar^T/||W Mbar^T|| - C/sqrt(K-1) ||_F; bias collapse ||W mu_G + b||;
+  equinorm std_k ||r_k|| / mean_k ||r_k||; NCC mismatch (NC4) = fraction of samples whose
   prediction differs from argmin_k ||h - mu_k||; cosine margin cos(w_y, h - mu_G) -
   max_{k != y} cos(w_k, h - mu_G); nearest-ETF distance ||Hn - U* M_K/sqrt(K)||_F (docs/math.md §2).
   `collapse_metrics` streams all of them over a data loader (`CollapseStatistics`).
@@ -27,8 +35,8 @@ Inputs: every float tensor is checked (finite; float16/bfloat16 computed in floa
 non-float dtypes a TypeError), and the scale-invariant metrics are computed at an exact
 power-of-two rescaling of their input, so they hold over the whole range of the dtype
 (`nearest_etf._validation`). Metrics of the class means raise ValueError where all class means
-coincide (the centred means vanish to rounding): NC1, the ETF and nearest-ETF distances, NC3 and
-the NCC accuracy and mismatch are undefined there.
+coincide (the centred means vanish to rounding): NC1, VCI, the ETF and nearest-ETF distances,
+NC3 and the NCC accuracy and mismatch are undefined there.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import torch
 from torch import Tensor
 
 from nearest_etf._validation import (
+    check_choice,
     check_float_tensor,
     coincide,
     normalise,
@@ -53,6 +62,7 @@ __all__ = [
     "CollapseStatistics",
     "bias_collapse",
     "class_means",
+    "class_numerical_rank",
     "classifier_etf_distance",
     "collapse_metrics",
     "cosine_margin",
@@ -67,8 +77,14 @@ __all__ = [
     "orthogonal_frame_distance",
     "rank_of_singular_values",
     "self_duality",
+    "self_duality_product",
     "singular_values",
+    "variability_collapse_index",
 ]
+
+# The global mean mu_G of a feature set: the mean of the samples (each class weighs n_k / N) or
+# the mean of the class means (each class weighs 1 / K).
+_GLOBAL_MEANS = ("samples", "classes")
 
 
 def _check_features(features: object, labels: object, num_classes: int) -> Tensor:
@@ -105,12 +121,17 @@ def _check_means(means: object, global_mean: object = None) -> tuple[Tensor, Ten
     return means.to(dtype), global_mean.to(dtype)
 
 
-def _class_mean_rows(x: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """means[K, d] of the rows of x by class; ValueError naming the classes without samples."""
-    sums, counts = class_sums(x, labels, num_classes)
+def _check_counts(counts: Tensor) -> None:
+    """ValueError naming the classes without samples (counts[K] == 0)."""
     if bool((counts == 0).any()):
         missing = torch.nonzero(counts == 0).flatten().tolist()
         raise ValueError(f"classes {missing} have no samples")
+
+
+def _class_mean_rows(x: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """means[K, d] of the rows of x by class; ValueError naming the classes without samples."""
+    sums, counts = class_sums(x, labels, num_classes)
+    _check_counts(counts)
     return sums / counts.unsqueeze(1)
 
 
@@ -132,17 +153,25 @@ def _centred_means(means: Tensor, global_mean: Tensor | None, what: str) -> tupl
     return centred, c
 
 
-def class_means(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+def class_means(
+    features: Tensor, labels: Tensor, num_classes: int, global_mean_of: str = "samples"
+) -> tuple[Tensor, Tensor]:
     """Class means and global mean of ``features[N, d]``.
 
-    Returns ``(means[K, d], global_mean[d])`` with means[k] = mean of the rows of class k
-    (every class must occur) and global_mean = mean of all N rows; the sums are taken at an exact
-    power-of-two scale, so they do not overflow for features near the dtype's maximum.
+    Returns ``(means[K, d], global_mean[d])`` with means[k] = mu_k, the mean of the rows of class
+    k (every class must occur), and global_mean = mu_G: the mean of all N rows,
+    sum_k n_k mu_k / N (``global_mean_of="samples"``, the default), or the mean of the class
+    means, sum_k mu_k / K (``"classes"``); they differ only for imbalanced classes. The sums are
+    taken at an exact power-of-two scale, so they do not overflow for features near the dtype's
+    maximum.
     """
+    check_choice("global_mean_of", global_mean_of, _GLOBAL_MEANS)
     features = _check_features(features, labels, num_classes)
     c = pow2_scale(features, (0, 1))
     x = features * c
-    return _class_mean_rows(x, labels, num_classes) / c, x.mean(dim=0) / c[0]
+    means = _class_mean_rows(x, labels, num_classes)
+    global_mean = x.mean(dim=0) if global_mean_of == "samples" else means.mean(dim=0)
+    return means / c, global_mean / c[0]
 
 
 def _shift_and_scale(features: Tensor) -> Tensor:
@@ -160,33 +189,133 @@ def _class_means_coincide(features: Tensor, labels: Tensor, num_classes: int) ->
     return bool(coincide(means - x.mean(dim=0), means, (0, 1), num_classes))
 
 
-def nc1(features: Tensor, labels: Tensor, num_classes: int, rtol: float | None = None) -> Tensor:
-    """NC1 = tr(Sigma_W Sigma_B^+) / K (scalar tensor; 0 for perfectly collapsed features).
-
-    ``rtol`` is the pseudo-inverse cut-off relative to the largest eigenvalue of Sigma_B
-    (None: torch's default, eps * d). Computed in the span of the class means, without d x d
-    matrices (`_between_whitening`): tr(Sigma_W Sigma_B^+) / K = (1/N) ||(H - M_y) P||_F^2.
-    NC1 is invariant to shifting and scaling the features, and is computed on features shifted
-    by the first row and rescaled by an exact power of two (no overflow or underflow at any
-    scale). ValueError if all class means coincide (Sigma_B = 0: NC1 undefined).
-    """
-    features = _check_features(features, labels, num_classes)
+def _scaled_statistics(
+    features: Tensor, labels: Tensor, num_classes: int, global_mean_of: str, what: str
+) -> tuple[Tensor, Tensor]:
+    """(c (x - M_y), c Mbar) for checked features: the within-class deviations [N, d] and the
+    centred means [K, d] (Mbar = means - mu_G, mu_G as `global_mean_of`) of the features x
+    shifted by their first row and rescaled by an exact power of two (`_shift_and_scale`), at the
+    common power-of-two scale c of `_centred_means`. ValueError if all class means coincide
+    (`what` is undefined)."""
+    check_choice("global_mean_of", global_mean_of, _GLOBAL_MEANS)
     x = _shift_and_scale(features)
     means = _class_mean_rows(x, labels, num_classes)
-    centred, c = _centred_means(means, x.mean(dim=0), "NC1")
-    within = ((x - means[labels]) * c) @ _between_whitening(centred, rtol)
-    return within.square().sum() / features.shape[0]
+    global_mean = x.mean(dim=0) if global_mean_of == "samples" else None
+    centred, c = _centred_means(means, global_mean, what)
+    return (x - means[labels]) * c, centred
 
 
-def _between_whitening(centred_means: Tensor, rtol: float | None) -> Tensor:
-    """P = Q_r S_r^{-1} [d, r] from the thin SVD centred_means[K, d] = L S Q^T over the kept
-    directions s_i^2 > rtol s_1^2, tested as s_i > sqrt(rtol) s_1 (no squares to underflow;
-    rtol None: eps * d, torch.linalg.pinv's default on Sigma_B). With Sigma_B = B^T B / K for
-    B = centred_means, Sigma_B^+ = K P P^T, so tr(Sigma_W Sigma_B^+) / K = tr(P^T Sigma_W P)."""
-    _, s, Qt = torch.linalg.svd(centred_means, full_matrices=False)
-    cutoff = torch.finfo(s.dtype).eps * centred_means.shape[1] if rtol is None else rtol
+def nc1(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    rtol: float | None = None,
+    global_mean_of: str = "samples",
+) -> Tensor:
+    """NC1 = tr(Sigma_W Sigma_B^+) / K (scalar tensor; 0 for perfectly collapsed features).
+
+    Papyan, Han & Donoho, PNAS 2020, Fig. 6 (docs/math.md §4). Sigma_W = (1/N) sum_i
+    (h_i - mu_{y_i})(h_i - mu_{y_i})^T, Sigma_B = (1/K) sum_k (mu_k - mu_G)(mu_k - mu_G)^T with
+    mu_G as ``global_mean_of`` (`class_means`). ``rtol`` is the pseudo-inverse cut-off relative to
+    the largest eigenvalue of Sigma_B (None: torch's default, eps * d). Computed in the span of
+    the class means, without d x d matrices (`_whitening`):
+    tr(Sigma_W Sigma_B^+) / K = (1/N) ||(H - M_y) P||_F^2. NC1 is invariant to shifting and
+    scaling the features, and is computed on features shifted by the first row and rescaled by
+    an exact power of two (no overflow or underflow at any scale). ValueError if all class means
+    coincide (Sigma_B = 0: NC1 undefined).
+    """
+    features = _check_features(features, labels, num_classes)
+    within, centred = _scaled_statistics(features, labels, num_classes, global_mean_of, "NC1")
+    return (within @ _whitening(centred, rtol)).square().sum() / features.shape[0]
+
+
+def _whitening(rows: Tensor, rtol: float | None) -> Tensor:
+    """P = Q_r S_r^{-1} [d, r] from the thin SVD rows[m, d] = L S Q^T over the kept directions
+    s_i^2 > rtol s_1^2, tested as s_i > sqrt(rtol) s_1 (no squares to underflow; rtol None:
+    eps * d, torch.linalg.pinv's default on rows^T rows), so that (rows^T rows)^+ = P P^T and
+    r is its numerical rank. For B = centred means, Sigma_B = B^T B / K gives
+    Sigma_B^+ = K P P^T and tr(Sigma_W Sigma_B^+) / K = tr(P^T Sigma_W P)."""
+    _, s, Qt = torch.linalg.svd(rows, full_matrices=False)
+    cutoff = torch.finfo(s.dtype).eps * rows.shape[1] if rtol is None else rtol
     keep = s > cutoff**0.5 * s[0]
     return Qt[keep].mT / s[keep]
+
+
+def _variability_collapse(within_root: Tensor, centred_means: Tensor, rtol: float | None) -> Tensor:
+    """VCI = 1 - tr(Sigma_T^+ Sigma_B) / rank(Sigma_B) from within_root[m, d] with
+    Sigma_W = R^T R and the centred means B[K, d], Sigma_B = B^T B / K. With Z = [R; B/sqrt(K)],
+    Sigma_T = Sigma_W + Sigma_B = Z^T Z, so tr(Sigma_T^+ Sigma_B) = ||B/sqrt(K) P_Z||_F^2
+    (`_whitening`; no d x d products, no squares); rank(Sigma_B) = the r of `_whitening(B)`."""
+    between_root = centred_means / centred_means.shape[0] ** 0.5
+    rank = _whitening(centred_means, rtol).shape[1]
+    total = _whitening(torch.cat([within_root, between_root]), rtol)
+    return 1 - (between_root @ total).square().sum() / rank
+
+
+def variability_collapse_index(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    rtol: float | None = None,
+    global_mean_of: str = "samples",
+) -> Tensor:
+    """Variability collapse index VCI = 1 - tr(Sigma_T^+ Sigma_B) / rank(Sigma_B), in [0, 1]
+    (scalar tensor; 0 for perfectly collapsed features).
+
+    Xu & Liu, "Quantifying the variability collapse of neural networks", ICML 2023, as computed
+    by the reference code of Markou, Ajanthan & Gould, NeurIPS 2024 (``nc/validate_NC.py``):
+    Sigma_W and Sigma_B as in `nc1` (mu_G as ``global_mean_of``) and Sigma_T = Sigma_W + Sigma_B,
+    the total covariance of the features when the classes are balanced. rank(Sigma_B) is the
+    numerical rank at ``rtol``, min(d, K - 1) for centred means in general position (the
+    reference code's denominator); ``rtol`` is also the pseudo-inverse cut-off of Sigma_T, both
+    relative to the largest eigenvalue (None: eps * d). For balanced classes
+    tr(Sigma_T^+ Sigma_B) is the sum of the squared canonical correlations between the features
+    and the one-hot labels, so VCI is invariant to invertible linear maps of the features (NC1
+    is not: within-class deviations linearly independent of the class-mean directions leave VCI
+    at 0). Computed without d x d products on the shifted, power-of-two rescaled features
+    (`_variability_collapse`). ValueError if all class means coincide (Sigma_B = 0: VCI
+    undefined).
+    """
+    features = _check_features(features, labels, num_classes)
+    within, centred = _scaled_statistics(features, labels, num_classes, global_mean_of, "VCI")
+    return _variability_collapse(within / features.shape[0] ** 0.5, centred, rtol)
+
+
+def class_numerical_rank(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Per-class numerical rank mean_k (||H_k||_* / ||H_k||_F)^2 (scalar tensor), H_k[n_k, d] the
+    (uncentred) feature rows of class k; each term lies in [1, min(n_k, d)] and is 1 iff the
+    rows of the class are parallel, e.g. all equal to their mean (collapsed).
+
+    The "numerical rank (nuclear/Frobenius)" of the reference code of Markou, Ajanthan & Gould,
+    NeurIPS 2024 (``nc/validate_NC.py``). It is not `numerical_rank` (a count of singular values
+    above a tolerance) and, the rows being uncentred, not invariant to shifting the features.
+    Scale invariant: each class is rescaled by an exact power of two. ValueError if a class has
+    no samples or only zero rows (the ratio is undefined).
+    """
+    features = _check_features(features, labels, num_classes)
+    _check_counts(torch.bincount(labels, minlength=num_classes))
+    ratios = []
+    for k in range(num_classes):
+        rows = features[labels == k]
+        s = torch.linalg.svdvals(rows * pow2_scale(rows, (0, 1)))
+        if float(s[0]) == 0.0:
+            raise ValueError(
+                f"class {k} has only zero features: its numerical rank "
+                "(||H_k||_* / ||H_k||_F)^2 is undefined"
+            )
+        ratios.append(s.sum().square() / s.square().sum())
+    return torch.stack(ratios).mean()
+
+
+def _class_rank_of_grams(grams: Tensor) -> float:
+    """mean_k (||H_k||_* / ||H_k||_F)^2 from the Gram matrices grams[K, d, d] = H_k^T H_k (no
+    class all zero): ||H_k||_* = sum_i sqrt(lambda_i), ||H_k||_F^2 = tr(G_k). Eigenvalues below
+    d eps lambda_max are rounding of the Gram matrix and count as zero (singular values below
+    sqrt(d eps) s_1 are not resolved from it)."""
+    eigenvalues = torch.linalg.eigvalsh(grams)
+    floor = grams.shape[-1] * torch.finfo(grams.dtype).eps * eigenvalues[:, -1:]
+    nuclear = eigenvalues.where(eigenvalues > floor, 0).sqrt().sum(dim=1)
+    return float((nuclear.square() / grams.diagonal(dim1=1, dim2=2).sum(dim=1)).mean())
 
 
 def singular_values(M: Tensor) -> Tensor:
@@ -296,14 +425,50 @@ def classifier_etf_distance(weight: Tensor) -> Tensor:
 
 
 def self_duality(weight: Tensor, means: Tensor, global_mean: Tensor | None = None) -> Tensor:
-    """NC3 = || W/||W|| - Mbar/||Mbar|| ||_F^2 with W[K, d] and the centred means
-    Mbar = means[K, d] - global_mean (default: mean of the means); in [0, 4]. Both
-    normalisations are scale-safe; ValueError if W = 0 or all class means coincide."""
+    """NC3 (self-duality) = || W/||W|| - Mbar/||Mbar|| ||_F^2 with W[K, d] and the centred means
+    Mbar = means[K, d] - global_mean (default: mean of the means); in [0, 4], 0 iff W is a
+    positive multiple of Mbar.
+
+    Papyan, Han & Donoho, PNAS 2020, Fig. 5 (docs/math.md §4); the form of the project's
+    experiment tables (key ``nc3``). `self_duality_product` is the form of Kothapalli's survey.
+    Both normalisations are scale-safe; ValueError if W = 0 or all class means coincide.
+    """
     means, global_mean = _check_means(means, global_mean)
     weight = _check_classifier(weight, means.shape[1], means.shape[0])
     _check_nonzero_classifier(weight, "NC3")
     centred, _ = _centred_means(means, global_mean, "NC3")
     return (normalise(weight, (0, 1)) - normalise(centred, (0, 1))).square().sum()
+
+
+def self_duality_product(
+    weight: Tensor, means: Tensor, global_mean: Tensor | None = None
+) -> Tensor:
+    """NC3 in the product form || W Mbar^T/||W Mbar^T|| - C/sqrt(K-1) ||_F, in [0, 2], with
+    W[K, d], the centred means Mbar = means[K, d] - global_mean (default: mean of the means) and
+    C = I_K - 1 1^T/K (C/sqrt(K-1) = M_K/||M_K||, the normalised Gram of a simplex ETF).
+
+    The form of Zhu et al., NeurIPS 2021, of Kothapalli's survey (TMLR 2023) and of the
+    reference code of Markou, Ajanthan & Gould, NeurIPS 2024 (``nc/validate_NC.py``). It is 0
+    iff W Mbar^T is a positive multiple of C: W self-dual to Mbar (`self_duality` = 0) *and*
+    Mbar a simplex ETF (`etf_distance` = 0) give 0, but W = Mbar with non-ETF means does not,
+    so it mixes NC2 into NC3. Computed from the scale-safe normalisations of W and Mbar;
+    ValueError if W = 0, all class means coincide, or W Mbar^T vanishes to rounding (every row
+    of W orthogonal to every centred mean).
+    """
+    means, global_mean = _check_means(means, global_mean)
+    weight = _check_classifier(weight, means.shape[1], means.shape[0])
+    _check_nonzero_classifier(weight, "NC3 (product form)")
+    centred, _ = _centred_means(means, global_mean, "NC3 (product form)")
+    dtype = torch.promote_types(weight.dtype, centred.dtype)
+    product = normalise(weight.to(dtype), (0, 1)) @ normalise(centred.to(dtype), (0, 1)).mT
+    # entries of a product of unit-norm matrices round by at most d * eps
+    if float(product.detach().abs().max()) <= means.shape[1] * torch.finfo(dtype).eps:
+        raise ValueError(
+            "W Mbar^T vanishes (to rounding): the classifier rows are orthogonal to the centred "
+            "means, NC3 (product form) is undefined"
+        )
+    etf_gram = _unit_etf_gram(means.shape[0], product)
+    return torch.linalg.matrix_norm(normalise(product, (0, 1)) - etf_gram)
 
 
 def bias_collapse(weight: Tensor, bias: Tensor | None, global_mean: Tensor) -> Tensor:
@@ -319,15 +484,24 @@ def bias_collapse(weight: Tensor, bias: Tensor | None, global_mean: Tensor) -> T
     return scale_safe_norm(value, 0)
 
 
-def equinorm(rows: Tensor) -> Tensor:
-    """std/mean of the row norms ||r_k|| of rows[K, d] (population std; 0 iff equal norms).
-    Pass centred means (means - mu_G) or the classifier W. Scale invariant (computed at an exact
-    power-of-two scale); ValueError if every row is zero."""
+def equinorm(rows: Tensor, correction: int = 0) -> Tensor:
+    """Equinorm: the coefficient of variation std_k ||r_k|| / mean_k ||r_k|| of the row norms of
+    rows[K, d] (0 iff equal norms). Pass centred means (means - mu_G) or the classifier W.
+
+    Papyan, Han & Donoho, PNAS 2020, Fig. 2 (docs/math.md §4). The std divides by
+    K - ``correction``: 0 (default) is the population std; 1 the sample std of
+    ``torch.std``/``np.std(ddof=1)``, larger by exactly sqrt(K / (K - 1)). Scale invariant
+    (computed at an exact power-of-two scale); ValueError if every row is zero or ``correction``
+    is not an int in [0, K).
+    """
     rows = _check_matrix("rows", rows)
+    K = rows.shape[0]
+    if isinstance(correction, bool) or not isinstance(correction, int) or not 0 <= correction < K:
+        raise ValueError(f"correction must be an int in [0, K) = [0, {K}), got {correction!r}")
     norms = torch.linalg.vector_norm(rows * pow2_scale(rows, (0, 1)), dim=1)
     if float(norms.max()) == 0.0:
         raise ValueError("every row is zero: the equinorm std/mean is undefined")
-    return norms.std(correction=0) / norms.mean()
+    return norms.std(correction=correction) / norms.mean()
 
 
 def _ncc_predictions(features: Tensor, means: Tensor) -> Tensor:
@@ -352,14 +526,15 @@ def _check_ncc_means(means: object, num_classes: int, features: Tensor, what: st
 
 
 def ncc_mismatch(features: Tensor, predictions: Tensor, means: Tensor) -> float:
-    """NC4: percent of samples whose predicted class (`predictions[N]`, e.g. argmax of the
-    logits) differs from the nearest class centre argmin_k ||h_i - mu_k|| (means[K, d]).
-    ValueError if all class means coincide (every distance ties)."""
+    """NC4: the fraction in [0, 1] of samples whose predicted class (`predictions[N]`, e.g.
+    argmax of the logits) differs from the nearest class centre argmin_k ||h_i - mu_k||
+    (means[K, d]); Papyan, Han & Donoho, PNAS 2020, Fig. 7. ValueError if all class means
+    coincide (every distance ties)."""
     features = _check_matrix("features", features)
     means = _check_matrix("means", means)
     means = _check_ncc_means(means, means.shape[0], features, "the NCC mismatch")
     check_labels(predictions, features.shape[0], means.shape[0], name="predictions")
-    return 100.0 * float((_ncc_predictions(features, means) != predictions).double().mean())
+    return float((_ncc_predictions(features, means) != predictions).double().mean())
 
 
 def ncc_accuracy(
@@ -431,7 +606,9 @@ class CollapseStatistics:
     (the first batch's mean, against cancellation). Then mu_k, mu_G and
 
         Sigma_W = (1/N) [sum_i (h_i - s)(h_i - s)^T - sum_k n_k (mu_k - s)(mu_k - s)^T]
-        Sigma_B = (1/K) sum_k (mu_k - mu_G)(mu_k - mu_G)^T   (as `nc1`).
+        Sigma_B = (1/K) sum_k (mu_k - mu_G)(mu_k - mu_G)^T   (as `nc1`),
+
+    mu_G the mean of the samples or of the class means (``global_mean_of``, as `class_means`).
     """
 
     def __init__(self, num_features: int, num_classes: int) -> None:
@@ -464,22 +641,32 @@ class CollapseStatistics:
         self.shift, self.sums, self.scatter = shift, sums, scatter
         self.counts += counts
 
-    def means(self) -> tuple[Tensor, Tensor]:
-        """(means[K, d], global_mean[d]); every class must have been seen."""
-        if bool((self.counts == 0).any()):
-            missing = torch.nonzero(self.counts == 0).flatten().tolist()
-            raise ValueError(f"classes {missing} have no samples")
-        return self.sums / self.counts.unsqueeze(1), self.sums.sum(0) / self.counts.sum()
+    def means(self, global_mean_of: str = "samples") -> tuple[Tensor, Tensor]:
+        """(means[K, d], global_mean[d]), mu_G the mean of the samples (default) or of the class
+        means (``"classes"``); every class must have been seen."""
+        check_choice("global_mean_of", global_mean_of, _GLOBAL_MEANS)
+        _check_counts(self.counts)
+        means = self.sums / self.counts.unsqueeze(1)
+        if global_mean_of == "classes":
+            return means, means.mean(dim=0)
+        return means, self.sums.sum(0) / self.counts.sum()
 
-    def covariances(self) -> tuple[Tensor, Tensor]:
-        """(Sigma_W[d, d], Sigma_B[d, d])."""
-        means, global_mean = self.means()
+    def covariances(self, global_mean_of: str = "samples") -> tuple[Tensor, Tensor]:
+        """(Sigma_W[d, d], Sigma_B[d, d]), mu_G of Sigma_B as ``global_mean_of`` (`means`)."""
+        means, global_mean = self.means(global_mean_of)
         assert self.shift is not None
         centred_means = means - self.shift
         explained = centred_means.T @ (self.counts.unsqueeze(1) * centred_means)
         sigma_w = (self.scatter - explained) / self.counts.sum()
         between = means - global_mean
         return sigma_w, between.T @ between / self.num_classes
+
+
+def _add_class_grams(grams: Tensor, x: Tensor, labels: Tensor) -> None:
+    """grams[k] += X_k^T X_k for the rows X_k of x[N, d] in class k (in place)."""
+    for k in labels.unique().tolist():
+        rows = x[labels == k]
+        grams[k] += rows.T @ rows
 
 
 def collapse_metrics(
@@ -489,6 +676,8 @@ def collapse_metrics(
     num_classes: int,
     rtol: float | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    global_mean_of: str = "samples",
+    class_rank: bool = True,
 ) -> dict[str, float]:
     """All collapse metrics of a data set, streamed in two passes over `batches`.
 
@@ -497,13 +686,22 @@ def collapse_metrics(
     DataLoader); a one-shot iterator such as a generator raises TypeError, and a second pass
     with other class counts than the first raises ValueError. Features are those the classifier
     (weight[K, d], bias[K] or None) acts on. Pass 1 accumulates `CollapseStatistics`; pass 2
-    the accuracy, NCC mismatch and cosine margins. Every tensor is checked (dtype policy,
-    finite; NaN logits raise). Returns floats: accuracy (%), nc1, nc2_means (`etf_distance`),
-    nc2_classifier, nc3, bias_collapse, ncc_mismatch (%), equinorm_means, equinorm_classifier,
-    cosine_margin, nearest_etf_distance (NaN if d < K), effective_rank (of the centred means);
-    with `loss_fn(logits, labels)` (mean-reduced) also loss, its mean over the samples.
-    ValueError if all class means coincide (the metrics are undefined).
+    the accuracy, NCC mismatch, cosine margins and, with ``class_rank``, the per-class Gram
+    matrices X_k^T X_k (K d^2 float64 numbers: 84 MB for K = 10, d = 1024). Every tensor is
+    checked (dtype policy, finite; NaN logits raise). mu_G is the mean of the samples or of the
+    class means (``global_mean_of``, as `class_means`) in every metric that uses it.
+
+    Returns floats (docs/metrics.md): accuracy (fraction of argmax logits = label), nc1, vci
+    (`variability_collapse_index`), class_numerical_rank (only with ``class_rank``; from the
+    Gram matrices, which resolve singular values down to sqrt(d eps) s_1 of each class),
+    nc2_means (`etf_distance`), nc2_classifier, nc3 (`self_duality`), nc3_product
+    (`self_duality_product`), bias_collapse, ncc_mismatch (fraction), equinorm_means,
+    equinorm_classifier (population std), cosine_margin, nearest_etf_distance (NaN if d < K),
+    effective_rank (of the centred means); with `loss_fn(logits, labels)` (mean-reduced) also
+    loss, its mean over the samples. ValueError if all class means coincide (the metrics are
+    undefined).
     """
+    check_choice("global_mean_of", global_mean_of, _GLOBAL_MEANS)
     if isinstance(batches, Iterator):
         raise TypeError(
             f"collapse_metrics makes two passes over batches, but got a one-shot iterator "
@@ -511,20 +709,26 @@ def collapse_metrics(
             "whose __iter__ starts a new pass (e.g. over a DataLoader)"
         )
     stats: CollapseStatistics | None = None
+    peak = torch.zeros(1, dtype=torch.float64)  # max |h| over the data: the Gram matrices' scale
     for features, _, labels in batches:
         if stats is None:
             stats = CollapseStatistics(_check_matrix("features", features).shape[1], num_classes)
         stats.update(features, labels)
+        if class_rank and features.numel():
+            peak = torch.maximum(peak, features.detach().abs().amax().to("cpu", torch.float64))
     if stats is None:
         raise ValueError("collapse_metrics got no batches")
     d = stats.num_features
     weight = _check_classifier(weight, d, num_classes)
     W = weight.detach().to(device="cpu", dtype=torch.float64)
     b = None if bias is None else check_float_tensor("bias", bias).detach().to("cpu", torch.float64)
-    means, global_mean = stats.means()
+    means, global_mean = stats.means(global_mean_of)
     _centred_means(means, global_mean, "the collapse metrics")
-    sigma_w, _ = stats.covariances()
-    whitening = _between_whitening(means - global_mean, rtol)
+    sigma_w, _ = stats.covariances(global_mean_of)
+    centred = means - global_mean
+    whitening = _whitening(centred, rtol)
+    grams = torch.zeros(num_classes, d, d, dtype=torch.float64) if class_rank else None
+    scale = pow2_scale(peak, 0)  # the rescaled Gram entries are at most n_k: no overflow
     correct = mismatched = margin = loss = 0.0
     counts = torch.zeros_like(stats.counts)
     for features, logits, labels in batches:
@@ -544,6 +748,8 @@ def collapse_metrics(
         correct += float((predictions == y).sum())
         mismatched += float((_ncc_predictions(x, means) != predictions).sum())
         margin += float(_cosine_margins(x, y, W, global_mean).sum())
+        if grams is not None:
+            _add_class_grams(grams, x * scale, y)
     if not torch.equal(counts, stats.counts):
         raise ValueError(
             f"batches yielded other samples in the second pass (class counts "
@@ -551,15 +757,28 @@ def collapse_metrics(
             "needs a re-iterable that yields the same data on every pass"
         )
     total = float(stats.counts.sum())
-    centred = means - global_mean
+    eigenvalues, eigenvectors = torch.linalg.eigh(sigma_w)
+    within_root = eigenvalues.clamp_min(0).sqrt().unsqueeze(1) * eigenvectors.mT
+    rank: dict[str, float] = {}
+    if grams is not None:
+        empty = grams.diagonal(dim1=1, dim2=2).sum(dim=1) == 0
+        if bool(empty.any()):
+            raise ValueError(
+                f"classes {torch.nonzero(empty).flatten().tolist()} have only zero features: "
+                "their numerical rank (||H_k||_* / ||H_k||_F)^2 is undefined"
+            )
+        rank["class_numerical_rank"] = _class_rank_of_grams(grams)
     return {
-        "accuracy": 100.0 * correct / total,
+        "accuracy": correct / total,
         "nc1": float(torch.trace(whitening.mT @ sigma_w @ whitening)),
+        "vci": float(_variability_collapse(within_root, centred, rtol)),
+        **rank,
         "nc2_means": float(etf_distance(means, global_mean)),
         "nc2_classifier": float(classifier_etf_distance(W)),
         "nc3": float(self_duality(W, means, global_mean)),
+        "nc3_product": float(self_duality_product(W, means, global_mean)),
         "bias_collapse": float(bias_collapse(W, b, global_mean)),
-        "ncc_mismatch": 100.0 * mismatched / total,
+        "ncc_mismatch": mismatched / total,
         "equinorm_means": float(equinorm(centred)),
         "equinorm_classifier": float(equinorm(W)),
         "cosine_margin": margin / total,

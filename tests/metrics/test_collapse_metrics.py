@@ -9,6 +9,7 @@ from nearest_etf.metrics.collapse import (
     CollapseStatistics,
     bias_collapse,
     class_means,
+    class_numerical_rank,
     classifier_etf_distance,
     collapse_metrics,
     cosine_margin,
@@ -19,6 +20,8 @@ from nearest_etf.metrics.collapse import (
     ncc_mismatch,
     nearest_etf_distance,
     self_duality,
+    self_duality_product,
+    variability_collapse_index,
 )
 
 F64 = torch.float64
@@ -70,7 +73,7 @@ def test_hand_computed_values():
     # NCC: centres 0 and 10 on a line; nearest centres (0, 1, 1) vs predictions (0, 0, 1).
     means = torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=F64)
     features = torch.tensor([[1.0, 0.0], [9.0, 0.0], [6.0, 0.0]], dtype=F64)
-    assert ncc_mismatch(features, torch.tensor([0, 0, 1]), means) == pytest.approx(100 / 3)
+    assert ncc_mismatch(features, torch.tensor([0, 0, 1]), means) == pytest.approx(1 / 3)
     # h = (2, 1), W = I: cos with w_0 is 2/sqrt(5), with w_1 is 1/sqrt(5).
     h = torch.tensor([[2.0, 1.0]], dtype=F64)
     margin0 = cosine_margin(h, torch.tensor([0]), eye)
@@ -119,7 +122,7 @@ def test_ncc_mismatch_and_margin_match_brute_force_loops():
     preds = (features @ W.T).argmax(1)
     X, M = features.numpy(), means.numpy()
     ncc = [int(np.argmin([np.linalg.norm(x - m) for m in M])) for x in X]
-    expected = 100 * np.mean([p != q for p, q in zip(preds.tolist(), ncc, strict=True)])
+    expected = np.mean([p != q for p, q in zip(preds.tolist(), ncc, strict=True)])
     assert ncc_mismatch(features, preds, means) == pytest.approx(expected)
     margins = []
     for x, y in zip(X - mu.numpy(), labels.tolist(), strict=True):
@@ -148,17 +151,47 @@ def test_streaming_metrics_equal_in_memory_metrics():
     preds = logits.argmax(1)
     assert out["ncc_mismatch"] == pytest.approx(ncc_mismatch(features32, preds, means))
     assert out["cosine_margin"] == pytest.approx(float(cosine_margin(features32, labels, W, mu)))
-    assert out["accuracy"] == pytest.approx(100 * float((preds == labels).double().mean()))
+    assert out["accuracy"] == pytest.approx(float((preds == labels).double().mean()))
     assert out["equinorm_means"] == pytest.approx(float(equinorm(means - mu)), rel=1e-9)
     assert out["nearest_etf_distance"] == pytest.approx(
         float(nearest_etf_distance(means, mu)), rel=1e-6
     )
     assert out["equinorm_classifier"] == pytest.approx(float(equinorm(W)), rel=1e-12)
     assert out["effective_rank"] == pytest.approx(effective_rank(means - mu), rel=1e-9)
+    vci = variability_collapse_index(features32, labels, K)
+    assert out["vci"] == pytest.approx(float(vci), rel=1e-9)
+    rank = class_numerical_rank(features32, labels, K)
+    assert out["class_numerical_rank"] == pytest.approx(float(rank), rel=1e-9)
+    assert out["nc3_product"] == pytest.approx(float(self_duality_product(W, means, mu)), 1e-9)
     assert "loss" not in out
     with_loss = collapse_metrics(batches, W, b, K, loss_fn=torch.nn.functional.cross_entropy)
     expected = float(torch.nn.functional.cross_entropy(logits, labels))
     assert with_loss["loss"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_streaming_metrics_with_the_mean_of_class_means_on_imbalanced_classes():
+    g = torch.Generator().manual_seed(6)
+    K, d = 4, 6
+    labels = torch.arange(K).repeat_interleave(torch.tensor([5, 40, 12, 23]))
+    features = 3 * torch.randn(K, d, generator=g, dtype=F64)[labels]
+    features = features + torch.randn(len(labels), d, generator=g, dtype=F64)
+    W = torch.randn(K, d, generator=g, dtype=F64)
+    logits = features @ W.T
+    batches = [
+        (features[i : i + 16], logits[i : i + 16], labels[i : i + 16]) for i in range(0, 80, 16)
+    ]
+    out = collapse_metrics(batches, W, None, K, global_mean_of="classes")
+    means, mu = class_means(features, labels, K, global_mean_of="classes")
+    assert float(mu.sub(means.mean(0)).abs().max()) < 1e-14
+    nc1_classes = nc1(features, labels, K, global_mean_of="classes")
+    assert out["nc1"] == pytest.approx(float(nc1_classes), rel=1e-9)
+    assert out["nc1"] != pytest.approx(float(nc1(features, labels, K)), rel=1e-3)
+    vci = variability_collapse_index(features, labels, K, global_mean_of="classes")
+    assert out["vci"] == pytest.approx(float(vci), rel=1e-9)
+    assert out["nc2_means"] == pytest.approx(float(etf_distance(means)), rel=1e-9)
+    assert out["nc3"] == pytest.approx(float(self_duality(W, means)), rel=1e-9)
+    assert out["equinorm_means"] == pytest.approx(float(equinorm(means - mu)), rel=1e-9)
+    assert out["cosine_margin"] == pytest.approx(float(cosine_margin(features, labels, W, mu)))
 
 
 def test_streaming_covariance_is_exact_for_collapsed_classes():

@@ -16,6 +16,7 @@ from nearest_etf.metrics.collapse import (
     orthogonal_frame_distance,
     rank_of_singular_values,
     singular_values,
+    variability_collapse_index,
 )
 
 F64 = torch.float64
@@ -47,6 +48,30 @@ def test_nc1_matches_numpy_pinv_formula():
     sigma_b = sum(np.outer(m - mu_g, m - mu_g) for m in mu) / K
     expected = np.trace(sigma_w @ np.linalg.pinv(sigma_b)) / K
     assert float(nc1(features, labels, K)) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("global_mean_of", ["samples", "classes"])
+def test_nc1_and_vci_match_numpy_on_imbalanced_classes(global_mean_of: str):
+    # The reference code's formulas (dense d x d matrices, scipy pinv, VCI normalised by
+    # min(d, K - 1)) on classes of 3 to 30 samples.
+    g = np.random.default_rng(4)
+    K, d = 4, 7
+    y = np.repeat(np.arange(K), [3, 10, 30, 17])
+    X = g.standard_normal((len(y), d)) + 3 * g.standard_normal((K, d))[y]
+    mu = np.stack([X[y == k].mean(axis=0) for k in range(K)])
+    mu_g = X.mean(axis=0) if global_mean_of == "samples" else mu.mean(axis=0)
+    sigma_w = (X - mu[y]).T @ (X - mu[y]) / len(X)
+    sigma_b = (mu - mu_g).T @ (mu - mu_g) / K
+    expected_nc1 = np.trace(sigma_w @ scipy.linalg.pinv(sigma_b)) / K
+    ratio = np.trace(scipy.linalg.pinv(sigma_w + sigma_b) @ sigma_b) / min(d, K - 1)
+    features, labels = torch.from_numpy(X), torch.from_numpy(y)
+    value = nc1(features, labels, K, global_mean_of=global_mean_of)
+    assert float(value) == pytest.approx(expected_nc1, rel=1e-9)
+    vci = variability_collapse_index(features, labels, K, global_mean_of=global_mean_of)
+    assert float(vci) == pytest.approx(1 - ratio, rel=1e-9)
+    means, global_mean = class_means(features, labels, K, global_mean_of=global_mean_of)
+    np.testing.assert_allclose(means.numpy(), mu, rtol=1e-12)
+    np.testing.assert_allclose(global_mean.numpy(), mu_g, rtol=1e-12)
 
 
 def test_nc1_hand_computed_and_collapsed():
