@@ -20,7 +20,18 @@ from nearest_etf.bounds import (
     rank_aware_bound,
 )
 from nearest_etf.class_means import AVERAGES, ClassMeanTracker
-from nearest_etf.declarative import BACKWARD_MODES, DeclarativeNode, Solver, conjugate_gradient
+from nearest_etf.declarative import (
+    BACKWARDS,
+    Analytic,
+    Backward,
+    ConjugateGradient,
+    DeclarativeNode,
+    DenseKKT,
+    LinearSolution,
+    as_backward,
+    conjugate_gradient,
+    minimum_norm_solve,
+)
 from nearest_etf.etf import (
     centering_matrix,
     centre_columns,
@@ -62,41 +73,60 @@ from nearest_etf.metrics import (
     self_duality,
     singular_values,
 )
-from nearest_etf.nearest import (
-    BACKWARDS,
-    SOLVERS,
-    nearest_etf,
-    nearest_etf_objective,
-    procrustes_target,
-)
+from nearest_etf.nearest import nearest_etf, nearest_etf_objective, procrustes_target
 from nearest_etf.polar import polar, polar_vjp
-from nearest_etf.solvers import RiemannianAdam, TrustRegions
+from nearest_etf.solvers import (
+    SOLVERS,
+    Procrustes,
+    RiemannianAdamSolver,
+    Solver,
+    SolverResult,
+    TrustRegions,
+    as_solver,
+)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    if name == "RiemannianAdam":  # deprecated alias of RiemannianAdamSolver
+        from nearest_etf.solvers import deprecated_alias
+
+        return deprecated_alias()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AVERAGES",
     "BACKWARDS",
-    "BACKWARD_MODES",
     "BOUND_NAMES",
     "ETF_MODES",
     "HEADS",
     "LOSSES",
     "SOLVERS",
+    "Analytic",
+    "Backward",
     "BoundsResult",
     "ClassMeanTracker",
     "CollapseStatistics",
+    "ConjugateGradient",
     "ConstraintGeometry",
     "DeclarativeNode",
+    "DenseKKT",
     "ETFLinear",
     "FixedETFHead",
     "ImplicitETFHead",
     "LayerBound",
     "LayerStack",
     "LearnedHead",
-    "RiemannianAdam",
+    "LinearSolution",
+    "Procrustes",
+    "RiemannianAdamSolver",
     "Solver",
+    "SolverResult",
     "TrustRegions",
+    "as_backward",
+    "as_solver",
     "bartlett_bound",
     "bias_collapse",
     "centering_matrix",
@@ -124,6 +154,7 @@ __all__ = [
     "load_layer_stack",
     "loss_function",
     "make_head",
+    "minimum_norm_solve",
     "mse_one_hot_loss",
     "nc1",
     "ncc_accuracy",

@@ -135,7 +135,7 @@ def test_conjugate_gradient_solves_spd_system() -> None:
     B = torch.randn(20, 20, dtype=DT)
     S = B @ B.T + 0.1 * torch.eye(20, dtype=DT)
     b = torch.randn(20, dtype=DT)
-    w = conjugate_gradient(lambda v: S @ v, b, rtol=1e-12, max_iter=200)
+    w = conjugate_gradient(lambda v: S @ v, b, rtol=1e-12, max_iterations=200).solution
     torch.testing.assert_close(w, torch.linalg.solve(S, b))
 
 
