@@ -79,7 +79,8 @@ def test_riemannian_adam_reaches_the_minimiser() -> None:
 def test_feasibility_solve_all_solvers_agree_on_classifier() -> None:
     p = noisy_etf_problem(9, 3, seed=5)
     W = etf_classifier(nearest_etf(p.H))
-    for solver in (TrustRegions(max_iterations=100, min_gradient_norm=1e-10), RiemannianAdamSolver()):
+    converged = TrustRegions(max_iterations=100, min_gradient_norm=1e-10)
+    for solver in (converged, RiemannianAdamSolver()):
         torch.testing.assert_close(
             etf_classifier(nearest_etf(p.H, solver=solver)), W, atol=1e-4, rtol=0
         )
