@@ -61,21 +61,22 @@ def no_runtime_warning() -> Iterator[None]:
 # --- item 1: singular Hessians (minimisers that are not isolated) -----------------------------
 
 
-def test_cg_on_class_means_with_two_distinct_values_matches_analytic() -> None:
+@pytest.mark.parametrize(("dtype", "tol"), [(DT, 1e-10), (torch.float32, 1e-4)])
+def test_cg_on_class_means_with_two_distinct_values_matches_analytic(dtype, tol) -> None:
     # Five classes, two distinct means: rank-1 centred means, four free directions, Proj(v)
     # largely in the Hessian's null space. Plain CG gave ||grad|| = 2.8e16 (analytic: 1.174).
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(8, 1, dtype=DT, generator=gen), torch.randn(8, 1, dtype=DT, generator=gen)
-    H0 = torch.cat([a.repeat(1, 2), b.repeat(1, 3)], 1)
-    G = torch.randn(5, 8, dtype=DT, generator=gen)
+    H0 = torch.cat([a.repeat(1, 2), b.repeat(1, 3)], 1).to(dtype)
+    G = torch.randn(5, 8, dtype=DT, generator=gen).to(dtype)
     grads = {}
     for backward in ("analytic", "kkt", "cg"):
         H = H0.clone().requires_grad_(True)
         with no_runtime_warning():
             (etf_classifier(nearest_etf(H, backward=backward)) * G).sum().backward()
         grads[backward] = H.grad
-    assert relative(grads["kkt"], grads["analytic"]) <= 1e-10
-    assert relative(grads["cg"], grads["analytic"]) <= 1e-10
+    assert relative(grads["kkt"], grads["analytic"]) <= tol
+    assert relative(grads["cg"], grads["analytic"]) <= tol
 
 
 def test_implicit_head_cg_first_step_on_a_batch_missing_classes() -> None:
