@@ -40,7 +40,15 @@ import torch
 from torch import Tensor
 
 from nearest_etf.geometry import ConstraintGeometry, geometry_of
-from nearest_etf.solvers import Inputs, Objective, Solver, SolverResult, as_solver, as_solver_result
+from nearest_etf.solvers import (
+    Inputs,
+    Objective,
+    Solver,
+    SolverResult,
+    as_solver,
+    as_solver_result,
+    check_positive_int,
+)
 
 __all__ = [
     "BACKWARDS",
@@ -250,14 +258,8 @@ class ConjugateGradient:
             isinstance(self.rtol, int | float) and not isinstance(self.rtol, bool) and self.rtol > 0
         ):
             raise ValueError(f"rtol must be a positive number or None, got {self.rtol!r}")
-        if self.max_iterations is not None and (
-            isinstance(self.max_iterations, bool)
-            or not isinstance(self.max_iterations, int)
-            or self.max_iterations < 1
-        ):
-            raise ValueError(
-                f"max_iterations must be an int >= 1 or None, got {self.max_iterations!r}"
-            )
+        if self.max_iterations is not None:
+            check_positive_int("max_iterations", self.max_iterations)
 
     def tangent_solve(
         self, geometry: ConstraintGeometry, f_y: Callable[[Tensor], Tensor], y: Tensor, v: Tensor

@@ -32,6 +32,7 @@ import pymanopt
 import torch
 from torch import Tensor
 
+from nearest_etf._validation import check_nonnegative
 from nearest_etf.geometry import geometry_of
 from nearest_etf.polar import polar
 
@@ -110,14 +111,10 @@ def _gradient_and_cost(
     return float(torch.linalg.vector_norm(rgrad)), float(cost.detach())
 
 
-def _check_positive_int(name: str, value: int) -> None:
+def check_positive_int(name: str, value: int) -> None:
+    """Raise ValueError unless value is an int >= 1 (not a bool)."""
     if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def _check_nonnegative(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
 
 def _warn_stopped_short(result: SolverResult, solver: object, tolerance: float) -> None:
@@ -139,7 +136,8 @@ class Procrustes:
     A rank-deficient A has many maximisers; `nearest_etf.polar.polar` completes the free
     directions deterministically. The result is checked: `converged` is
     ||grad_R f(U*)|| <= sqrt(eps) max(1, ||A||), and a RuntimeWarning says when it is not (the
-    objective is not of this form). Points [..., d, K] with d >= K; no start point is used.
+    objective is not of this form). Points [..., d, K] with d >= K; y0 gives the shape (its
+    values are not used). Raises TypeError off geoopt.Stiefel, ValueError without y0.
     """
 
     def __call__(
@@ -222,8 +220,8 @@ class TrustRegions(_IterativeSolver):
     verbosity: int = 0
 
     def __post_init__(self) -> None:
-        _check_positive_int("max_iterations", self.max_iterations)
-        _check_nonnegative("min_gradient_norm", self.min_gradient_norm)
+        check_positive_int("max_iterations", self.max_iterations)
+        check_nonnegative("min_gradient_norm", self.min_gradient_norm)
 
     def _run(
         self, objective: Objective, manifold: geoopt.Manifold, x: Inputs, y0: Tensor
@@ -296,8 +294,8 @@ class RiemannianAdamSolver(_IterativeSolver):
     max_iterations: int = 10000
 
     def __post_init__(self) -> None:
-        _check_positive_int("max_iterations", self.max_iterations)
-        _check_nonnegative("min_gradient_norm", self.min_gradient_norm)
+        check_positive_int("max_iterations", self.max_iterations)
+        check_nonnegative("min_gradient_norm", self.min_gradient_norm)
         if not (isinstance(self.lr, int | float) and self.lr > 0):
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not (isinstance(self.lr_factor, int | float) and 0 < self.lr_factor <= 1):
