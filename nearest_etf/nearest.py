@@ -72,7 +72,9 @@ def _start_point(Hn: Tensor, prox: Tensor | None, delta: float) -> Tensor:
     (2 s_min worse than the minimum, s_min the smallest singular value of A). The minimiser
     polar(A) has det sign(det A) (A = Q P with det P > 0); when the start's sign differs, the
     column k with the smallest (U^T A)_kk is reflected, the reflection that lowers tr(U^T A)
-    least. A singular A (the feasibility solve) has minimisers in both components."""
+    least. A singular A (the feasibility solve) has minimisers in both components. Not
+    differentiated (inputs detached)."""
+    Hn, prox = Hn.detach(), None if prox is None else prox.detach()
     d, K = Hn.shape[-2:]
     start = prox if prox is not None else torch.eye(d, K, dtype=Hn.dtype, device=Hn.device)
     if d != K:
