@@ -88,15 +88,23 @@ def _check_inputs(Hn: Tensor, prox: Tensor, U: Tensor, G: Tensor, delta: float) 
 
 def structured_kkt_backward(Hn: Tensor, prox: Tensor, U: Tensor, delta: float, G: Tensor) -> Tensor:
     """dL/dHn for the nearest-ETF solution U = U*(Hn) and upstream G = dL/dU, by the reference's
-    structured KKT solve (module docstring). All shapes [d, K]; returns [d, K]."""
+    structured KKT solve (module docstring). All shapes [d, K]; returns [d, K].
+
+    Raises ValueError when P_L is not positive definite or numerically singular (smallest
+    eigenvalue <= K eps times the largest): U is then not a strict minimiser, and the inverses
+    this formula needs do not exist (`nearest_etf`'s "kkt"/"cg" backwards return the
+    minimum-norm derivative there)."""
     _check_inputs(Hn, prox, U, G, delta)
     d, K = U.shape
     P_L = lagrangian_hessian_block(Hn, prox, U, delta)
+    eigenvalues = torch.linalg.eigvalsh(P_L)  # O(K^3), next to the O(d K^5) solve
     chol, info = torch.linalg.cholesky_ex(P_L)
-    if int(info) != 0:
+    if int(info) != 0 or bool(
+        eigenvalues[0] <= K * torch.finfo(P_L.dtype).eps * eigenvalues[-1].abs()
+    ):
         raise ValueError(
-            "the Lagrangian Hessian block P_L is not positive definite: U is not a strict "
-            "minimiser of the nearest-ETF objective"
+            "the Lagrangian Hessian block P_L is not positive definite (or numerically "
+            "singular): U is not a strict minimiser of the nearest-ETF objective"
         )
     P_inv = torch.cholesky_inverse(chol)  # the one shared factorisation, applied to all d blocks
     jac = constraint_jacobian(U).reshape(-1, d * K)  # A, m x n

@@ -21,29 +21,29 @@ import geoopt
 import torch
 from torch import Tensor
 
-from nearest_etf._validation import (
-    check_choice,
-    check_class_means,
-    check_nonnegative,
-    check_stiefel,
-    normalise,
+from nearest_etf._validation import check_class_means, check_nonnegative, check_stiefel, normalise
+from nearest_etf.declarative.node import BACKWARDS, Analytic, Backward, DeclarativeNode, as_backward
+from nearest_etf.declarative.solvers import (
+    SOLVERS,
+    Inputs,
+    Procrustes,
+    Solver,
+    as_solver,
+    as_solver_result,
 )
-from nearest_etf.declarative.node import DeclarativeNode, Inputs, Objective, Solver
-from nearest_etf.declarative.solvers import RiemannianAdam, TrustRegions
 from nearest_etf.etf import centre_columns
 from nearest_etf.polar_decomposition import polar
 
 __all__ = [
     "BACKWARDS",
     "SOLVERS",
+    "as_backward",
+    "as_solver",
     "nearest_etf",
     "nearest_etf_objective",
     "procrustes_target",
     "solve_nearest_etf",
 ]
-
-SOLVERS = ("procrustes", "trust-regions", "riemannian-adam")
-BACKWARDS = ("analytic", "kkt", "cg")
 
 
 def procrustes_target(Hn: Tensor, prox: Tensor | None, delta: float) -> Tensor:
@@ -70,33 +70,30 @@ def _objective(delta: float, x: Inputs, U: Tensor) -> Tensor:
     return nearest_etf_objective(Hn, U, prox[0] if prox else None, delta)
 
 
-def _procrustes(
-    delta: float, objective: Objective, manifold: geoopt.Manifold, x: Inputs, y0: Tensor | None
-) -> Tensor:
-    """The closed-form solver in the `Solver` form: polar(A) (no autograd here)."""
-    Hn, *prox = x
-    return polar(procrustes_target(Hn, prox[0] if prox else None, delta))
+def _start_point(Hn: Tensor, prox: Tensor | None, delta: float) -> Tensor:
+    """Initial point of the iterative solvers for one problem [d, K]: the previous solution,
+    else I[:, :K]; for d == K, moved into the minimiser's connected component.
 
-
-def _named_solver(solver: str | Solver, delta: float) -> Solver:
-    if not isinstance(solver, str):
-        if not callable(solver):
-            raise TypeError(
-                f"solver must be a name or a callable Solver, got {type(solver).__name__}"
-            )
-        return solver
-    check_choice("solver", solver, SOLVERS)
-    if solver == "procrustes":
-        return partial(_procrustes, delta)
-    return TrustRegions() if solver == "trust-regions" else RiemannianAdam()
-
-
-def _start_point(Hn: Tensor, prox: Tensor | None) -> Tensor:
-    """Initial point of the iterative solvers: the previous solution, else I[:, :K]."""
-    if prox is not None:
-        return prox
+    St(d, d) = O(d) has two components, det = +1 and det = -1, and no path between them, so an
+    iterative solver started in the other one converges to the best point of that component
+    (2 s_min worse than the minimum, s_min the smallest singular value of A). The minimiser
+    polar(A) has det sign(det A) (A = Q P with det P > 0); when the start's sign differs, the
+    column k with the smallest (U^T A)_kk is reflected, the reflection that lowers tr(U^T A)
+    least. A singular A (the feasibility solve) has minimisers in both components. Not
+    differentiated (inputs detached)."""
+    Hn, prox = Hn.detach(), None if prox is None else prox.detach()
     d, K = Hn.shape[-2:]
-    return torch.eye(d, K, dtype=Hn.dtype, device=Hn.device)
+    start = prox if prox is not None else torch.eye(d, K, dtype=Hn.dtype, device=Hn.device)
+    if d != K:
+        return start
+    A = procrustes_target(Hn, prox, delta)
+    target = torch.sign(torch.linalg.det(A))
+    if bool(target == 0) or bool(target == torch.sign(torch.linalg.det(start))):
+        return start
+    k = int(torch.argmin(torch.diagonal(start.mT @ A)))
+    flip = torch.ones(K, dtype=start.dtype, device=start.device)
+    flip[k] = -1
+    return start * flip
 
 
 def _map_problems(
@@ -115,9 +112,10 @@ def nearest_etf(
     *,
     delta: float = 1e-3,
     solver: str | Solver = "procrustes",
-    backward: str = "analytic",
+    backward: str | Backward = "analytic",
 ) -> Tensor:
-    """The nearest simplex ETF frame U* in St(d, K) to the class means H, differentiable in H.
+    """The nearest simplex ETF frame U* in St(d, K) to the class means H, differentiable in H
+    (Markou, Ajanthan & Gould, NeurIPS 2024; docs/math.md §2).
 
     Args:
         H: [..., d, K] centred class means as columns (any scale over the dtype's range;
@@ -127,12 +125,18 @@ def nearest_etf(
             delta = 0 "feasibility" solve.
         delta: proximal weight (>= 0), used only with a prox; delta = 0 ignores the prox (the
             objective does not depend on it) and gives the feasibility solve.
-        solver: "procrustes" (closed form U* = polar(A), the default), "trust-regions" (pymanopt,
-            30 iterations), "riemannian-adam" (geoopt, to a gradient tolerance), or a `Solver`
-            instance such as `TrustRegions(max_iterations=100)`.
-        backward: "analytic" (closed-form polar derivative, O(dK^2 + K^3)), "kkt" (dense
-            implicit-function system of the generic `DeclarativeNode`) or "cg" (matrix-free
-            conjugate gradients on the Riemannian Hessian, same node).
+        solver: a solver object or its shorthand (`nearest_etf.declarative.solvers.SOLVERS`):
+            `Procrustes()` / "procrustes" (closed form U* = polar(A), the default),
+            `TrustRegions(...)` / "trust-regions" (pymanopt, 30 iterations by default),
+            `RiemannianAdamSolver(...)` / "riemannian-adam" (geoopt, to a gradient tolerance),
+            or any `Solver` callable. Iterative solvers start at the prox (else I[:, :K]),
+            moved into the minimiser's component of O(d) when d == K, and warn when they stop
+            short of their tolerance.
+        backward: a backward object or its shorthand (`BACKWARDS`): `Analytic()` / "analytic"
+            (closed-form polar derivative, O(dK^2 + K^3), docs/math.md §2b), `DenseKKT()` / "kkt"
+            (dense implicit-function system of the generic `DeclarativeNode`) or
+            `ConjugateGradient(rtol, max_iterations)` / "cg" (matrix-free conjugate gradients on
+            the Riemannian Hessian, same node).
 
     Returns:
         U [..., d, K] with U^T U = I minimising ||Hn - U M_K/sqrt(K)||^2 + (delta/2)||U - prox||^2.
@@ -142,12 +146,13 @@ def nearest_etf(
         so finite differences disagree with the gradient there by design.
 
     Raises:
-        TypeError for a non-float dtype; ValueError for NaN/inf entries, a bad shape, or
-        centred means H C that vanish (all class means coincide).
+        TypeError for a non-float dtype; ValueError for NaN/inf entries, a bad shape, centred
+        means H C that vanish (all class means coincide), a malformed prox or a negative delta;
+        ValueError / TypeError for an unknown solver or backward.
     """
     H = check_class_means(H)
     delta = check_nonnegative("delta", delta)
-    check_choice("backward", backward, BACKWARDS)
+    solver, backward = as_solver(solver), as_backward(backward)
     if prox is not None:
         prox = check_stiefel("prox", prox, H.shape, H.dtype).to(H.device)
     Hn = normalise(H, (-2, -1))
@@ -155,34 +160,43 @@ def nearest_etf(
 
 
 def solve_nearest_etf(
-    Hn: Tensor, prox: Tensor | None, delta: float, solver: str | Solver, backward: str
+    Hn: Tensor,
+    prox: Tensor | None,
+    delta: float,
+    solver: str | Solver,
+    backward: str | Backward,
 ) -> Tensor:
     """`nearest_etf` without its input checks, for unit-norm Hn [..., d, K] and a checked prox
-    (callers that validated their inputs already, e.g. `ImplicitETFHead` at every step)."""
+    (callers that validated their inputs already, e.g. `ImplicitETFHead` at every step). The
+    solver and backward are normalised by `as_solver` / `as_backward` (cheap for objects)."""
+    solve, backward = as_solver(solver), as_backward(backward)
     if delta == 0:
         prox = None
-    solve = _named_solver(solver, delta)
     objective = partial(_objective, delta)
     manifold = geoopt.Stiefel(canonical=False)
 
     def inputs(h: Tensor, p: Tensor | None) -> tuple[Tensor, ...]:
         return (h,) if p is None else (h, p)
 
-    if backward == "analytic":
+    if isinstance(backward, Analytic):
         A = procrustes_target(Hn, prox, delta)
-        if solver == "procrustes":  # a name: the closed form
+        if isinstance(solve, Procrustes):
             U = polar(A)
         else:
             with torch.no_grad():
                 found = _map_problems(
-                    lambda h, p: solve(objective, manifold, inputs(h, p), _start_point(h, p)),
+                    lambda h, p: (
+                        as_solver_result(
+                            solve(objective, manifold, inputs(h, p), _start_point(h, p, delta))
+                        ).point
+                    ),
                     Hn,
                     prox,
                 )
             U = polar(A, found)
     else:
         node = DeclarativeNode(objective, manifold, solve, backward=backward)
-        U = _map_problems(lambda h, p: node(inputs(h, p), _start_point(h, p)), Hn, prox)
+        U = _map_problems(lambda h, p: node(inputs(h, p), _start_point(h, p, delta)), Hn, prox)
     if prox is None:
         # Only U C is determined: the free column direction U 1/sqrt(K) carries no gradient.
         U = centre_columns(U) + U.detach().mean(dim=-1, keepdim=True)

@@ -1,58 +1,8 @@
-"""Neural-collapse and spectral metrics on plain tensors (docs/math.md §4), streamed over data
-loaders, and per-layer probes of a network."""
+"""Neural-collapse and spectral metrics on plain tensors (docs/math.md §4, docs/metrics.md),
+streamed over data loaders, and per-layer probes of a network."""
 
-from nearest_etf.metrics.collapse import (
-    CollapseStatistics,
-    bias_collapse,
-    class_means,
-    class_numerical_rank,
-    classifier_etf_distance,
-    collapse_metrics,
-    cosine_margin,
-    effective_rank,
-    equinorm,
-    etf_distance,
-    nc1,
-    ncc_accuracy,
-    ncc_mismatch,
-    nearest_etf_distance,
-    numerical_rank,
-    orthogonal_frame_distance,
-    rank_of_singular_values,
-    self_duality,
-    self_duality_product,
-    singular_values,
-    variability_collapse_index,
-)
-from nearest_etf.metrics.layer_probe import (
-    effective_depth,
-    layer_collapse,
-    layer_outputs,
-)
+from nearest_etf.metrics import collapse, layer_probe
+from nearest_etf.metrics.collapse import *
+from nearest_etf.metrics.layer_probe import *
 
-__all__ = [
-    "CollapseStatistics",
-    "bias_collapse",
-    "class_means",
-    "class_numerical_rank",
-    "classifier_etf_distance",
-    "collapse_metrics",
-    "cosine_margin",
-    "effective_depth",
-    "effective_rank",
-    "equinorm",
-    "etf_distance",
-    "layer_collapse",
-    "layer_outputs",
-    "nc1",
-    "ncc_accuracy",
-    "ncc_mismatch",
-    "nearest_etf_distance",
-    "numerical_rank",
-    "orthogonal_frame_distance",
-    "rank_of_singular_values",
-    "self_duality",
-    "self_duality_product",
-    "singular_values",
-    "variability_collapse_index",
-]
+__all__ = [*collapse.__all__, *layer_probe.__all__]

@@ -135,8 +135,9 @@ def test_conjugate_gradient_solves_spd_system() -> None:
     B = torch.randn(20, 20, dtype=DT)
     S = B @ B.T + 0.1 * torch.eye(20, dtype=DT)
     b = torch.randn(20, dtype=DT)
-    w = conjugate_gradient(lambda v: S @ v, b, rtol=1e-12, max_iter=200)
-    torch.testing.assert_close(w, torch.linalg.solve(S, b))
+    found = conjugate_gradient(lambda v: S @ v, b, rtol=1e-12, max_iterations=200)
+    assert found.converged and found.relative_residual <= 1e-12
+    torch.testing.assert_close(found.solution, torch.linalg.solve(S, b))
 
 
 def test_riemannian_hessian_matches_second_derivative_along_geodesic() -> None:

@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nearest_etf import (
-    RiemannianAdam,
+    RiemannianAdamSolver,
     TrustRegions,
     etf_classifier,
     nearest_etf,
@@ -64,7 +64,7 @@ def test_trust_regions_default_30_iterations_by_name() -> None:
 def test_riemannian_adam_warns_when_it_stops_before_the_tolerance() -> None:
     p = noisy_etf_problem(12, 4, seed=4)
     with pytest.warns(RuntimeWarning, match="max_iterations=3"):
-        nearest_etf(p.H, p.prox, solver=RiemannianAdam(max_iterations=3))
+        nearest_etf(p.H, p.prox, solver=RiemannianAdamSolver(max_iterations=3))
 
 
 def test_riemannian_adam_reaches_the_minimiser() -> None:
@@ -79,7 +79,8 @@ def test_riemannian_adam_reaches_the_minimiser() -> None:
 def test_feasibility_solve_all_solvers_agree_on_classifier() -> None:
     p = noisy_etf_problem(9, 3, seed=5)
     W = etf_classifier(nearest_etf(p.H))
-    for solver in (TrustRegions(max_iterations=100, min_gradient_norm=1e-10), RiemannianAdam()):
+    converged = TrustRegions(max_iterations=100, min_gradient_norm=1e-10)
+    for solver in (converged, RiemannianAdamSolver()):
         torch.testing.assert_close(
             etf_classifier(nearest_etf(p.H, solver=solver)), W, atol=1e-4, rtol=0
         )
@@ -317,7 +318,7 @@ def test_rejects_bad_input() -> None:
     with pytest.raises(TypeError, match="dtype"):
         nearest_etf(H, prox.float())
     with pytest.raises(ValueError, match="max_iterations"):
-        RiemannianAdam(max_iterations=0)
+        RiemannianAdamSolver(max_iterations=0)
     with pytest.raises(ValueError, match=r"A\[..., d, K\]"):
         polar(torch.ones(3))
     with pytest.raises(ValueError, match="unknown solver 'newton'"):

@@ -118,3 +118,20 @@ def test_bad_input() -> None:
         skkt.structured_kkt_backward(Hn, prox.numpy(), U, DELTA, G)
     with pytest.raises(ValueError, match="not positive definite"):
         skkt.structured_kkt_backward(Hn, prox, -U, DELTA, G)  # -U maximises the objective
+
+
+def test_numerically_singular_block_raises() -> None:
+    # Two distinct class means (rank-1 Hn C) and delta = 1e-15: P_L has eigenvalues ~2e-16 and
+    # 1.15, numerically singular in float64. A Cholesky factor still exists; the solve must
+    # refuse instead of returning a gradient of rounding errors amplified by 1e15.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 1, generator=gen, dtype=torch.float64)
+    b = torch.randn(6, 1, generator=gen, dtype=torch.float64)
+    H = torch.cat([a.repeat(1, 2), b.repeat(1, 2)], 1)
+    H = H - H.mean(dim=-1, keepdim=True)
+    Hn = H / H.norm()
+    prox = torch.linalg.qr(torch.randn(6, 4, generator=gen, dtype=torch.float64)).Q
+    U, G = _closed_form(Hn, prox, 1e-15), torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    assert int(torch.linalg.cholesky_ex(skkt.lagrangian_hessian_block(Hn, prox, U, 1e-15))[1]) == 0
+    with pytest.raises(ValueError, match="numerically singular"):
+        skkt.structured_kkt_backward(Hn, prox, U, 1e-15, G)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,12 @@ def balanced_scale_loss(c: float, layers: int) -> tuple[float, float]:
     res = scipy.optimize.minimize_scalar(
         f, bounds=(lo, hi), method="bounded", options={"xatol": 1e-14}
     )
+    if not res.success:
+        warnings.warn(
+            f"balanced_scale_loss: bounded Brent stopped short of xatol=1e-14 ({res.message})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     u = float(res.x) if res.fun <= f(grid[i]) else float(grid[i])
     return f(u), u
 
@@ -173,7 +180,9 @@ def optimise_locally(
 ) -> list[Tensor]:
     """Local optimisation from ``params``: ``gd_steps`` of gradient descent (robust at the ReLU
     kinks where constructions have exactly-zero pre-activations, on which L-BFGS line searches
-    fail), then scipy's L-BFGS with the explicit DUFM gradient."""
+    fail), then scipy's L-BFGS with the explicit DUFM gradient. Returns the better of the two
+    points; warns (RuntimeWarning) when L-BFGS reports failure (its iteration cap, or an
+    abnormal line-search end), with its message and the gradient reached."""
     shapes = problem.shapes()
     sizes = [a * b for a, b in shapes]
 
@@ -200,6 +209,13 @@ def optimise_locally(
             jac=True,
             method="L-BFGS-B",
             options={"maxiter": max_iter, "gtol": gtol, "ftol": 1e-15},
+        )
+    if not res.success:
+        warnings.warn(
+            f"optimise_locally: L-BFGS-B stopped short after {res.nit} iterations: {res.message} "
+            f"(max |grad| = {float(np.abs(res.jac).max()):.2e}, gtol = {gtol:g})",
+            RuntimeWarning,
+            stacklevel=2,
         )
     best = unflatten(res.x)
     return best if problem.loss_parts(best).total <= problem.loss_parts(current).total else current

@@ -1,39 +1,6 @@
 """The unconstrained features model (UFM) convergence study and the `nearest-etf ufm` command."""
 
-from nearest_etf.experiments.ufm.study import (
-    METHODS,
-    METRICS,
-    OPTIMIZERS,
-    UFM,
-    Study,
-    UFMConfig,
-    UFMRun,
-    etf_loss_floor,
-    first_crossing,
-    run_study,
-    run_ufm,
-    selection_score,
-    step_metrics,
-    summarise_study,
-    thresholds,
-    ufm_head,
-)
+from nearest_etf.experiments.ufm import study
+from nearest_etf.experiments.ufm.study import *
 
-__all__ = [
-    "METHODS",
-    "METRICS",
-    "OPTIMIZERS",
-    "UFM",
-    "Study",
-    "UFMConfig",
-    "UFMRun",
-    "etf_loss_floor",
-    "first_crossing",
-    "run_study",
-    "run_ufm",
-    "selection_score",
-    "step_metrics",
-    "summarise_study",
-    "thresholds",
-    "ufm_head",
-]
+__all__ = study.__all__
