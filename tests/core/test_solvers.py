@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import geoopt
 import pytest
 import torch
-from nearest_etf.experiments.dufm import DUFMProblem, optimise_locally, srg_point
 
 import nearest_etf.declarative.solvers as solvers_module
 from nearest_etf import (
@@ -32,6 +31,7 @@ from nearest_etf import (
     nearest_etf_objective,
     random_stiefel,
 )
+from nearest_etf.experiments.dufm import DUFMProblem, optimise_locally, srg_point
 from nearest_etf.nearest import _objective, _start_point, procrustes_target
 from nearest_etf.polar_decomposition import polar
 from nearest_etf.synthetic import noisy_etf_problem
