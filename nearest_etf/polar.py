@@ -22,15 +22,19 @@ problem of a batch:
   - polish: above eps_c kappa^2 > POLISH_TOLERANCE * eps_out (kappa > 5.7 in one dtype) one
     Newton-Schulz step Q <- Q + Q (I - Q^T Q) / 2 (two d x K x K products) squares the
     orthonormality error; the forward error left is ~ eps_c kappa^2 / 8. Measured on spectra
-    log-spaced over [1/kappa, 1] (benchmarks/polar_speed.py --accuracy): at both limits the
-    errors are within about 1.5x those of the SVD in the same dtype;
+    log-spaced over [1/kappa, 1] (benchmarks/polar_speed.py --accuracy, docs/benchmarks.md):
+    unpolished at kappa = 5.6, max|Q^T Q - I| is up to 4x the SVD's (2.4e-6 in float32, 5e-15
+    in float64) and max|Q - polar(A)| about the SVD's; polished, up to kappa = 16, both are at
+    or below the SVD's;
   - orthonormality guard: |Q^T Q z - z| <= sqrt(eps_out) for the probe z = 1/sqrt(K) (two
     matrix-vector products; a gross failure of the eigensolver, not rounding, trips it).
 
-A float32 input is tried in a float32 Gram first when K >= FLOAT32_GRAM_MIN_K (below that the
-float64 eigensolver costs little more, and small K comes with large kappa ~ 2 / ((K-1) delta) in
-the nearest-ETF problem), then in float64; a float64 input in float64. Problems that fail the
-guards in every compute dtype (rank-deficient A, kappa > 16 in float64) take the SVD route.
+Route choice (a priori, by size; the guards then decide): the Gram route in A's own dtype is tried
+when K >= SAME_DTYPE_GRAM_MIN_K (there the K x K eigensolver costs half the SVD or less, and in
+the nearest-ETF problem kappa ~ 1 + 2 / ((K-1) delta) is small), the float64 Gram route for a
+float32 A when K >= GRAM_MIN_K (below that the thin SVD costs less than the Gram route's dozen
+small operations); problems that none of these tried routes serve take the SVD route (rank-
+deficient A, kappa > 16 in float64, small K).
 
 Vector-Jacobian product, for upstream G = dL/dQ (math.md §2b):
 
@@ -56,7 +60,8 @@ __all__ = ["polar", "polar_vjp"]
 
 GRAM_TOLERANCE = 256.0
 POLISH_TOLERANCE = 32.0
-FLOAT32_GRAM_MIN_K = 256
+GRAM_MIN_K = 24
+SAME_DTYPE_GRAM_MIN_K = 256
 
 # (Q, V, s, W) with A = Q V diag(s) V^T and W = P^+ = V diag(1/s) V^T (pseudo-inverse)
 Factors = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -113,12 +118,12 @@ def polar_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _gram_compute_dtypes(A: Tensor) -> tuple[torch.dtype, ...]:
-    """The compute dtypes the Gram route tries for A, in order (see the module docstring)."""
-    if A.dtype == torch.float64:
-        return (torch.float64,)
-    if A.shape[-1] >= FLOAT32_GRAM_MIN_K:
-        return (torch.float32, torch.float64)
-    return (torch.float64,)
+    """The compute dtypes in which the Gram route is tried for A (float32 or float64), in order;
+    empty: the SVD route directly (see the module docstring)."""
+    K = A.shape[-1]
+    same = (A.dtype,) if K >= SAME_DTYPE_GRAM_MIN_K else ()
+    wider = (torch.float64,) if A.dtype != torch.float64 and K >= GRAM_MIN_K else ()
+    return same + wider
 
 
 def polar_gram(A: Tensor, dtype: torch.dtype) -> tuple[Factors, Tensor]:

@@ -1,4 +1,5 @@
 import math
+import sys
 
 import pytest
 import torch
@@ -7,9 +8,25 @@ from nearest_etf import polar, polar_vjp, random_stiefel, simplex_etf
 from nearest_etf.polar import _gram_compute_dtypes, polar_factors, polar_gram, polar_svd
 
 DT = torch.float64
+# the module itself (the package attribute `nearest_etf.polar` is the function)
+POLAR_MODULE = sys.modules["nearest_etf.polar"]
 
 
-def test_polar_maximises_trace_and_matches_svd() -> None:
+@pytest.fixture
+def gram_for_small_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route even tiny problems through the Gram route first (by default K < 24 takes the SVD)."""
+    monkeypatch.setattr(POLAR_MODULE, "GRAM_MIN_K", 2)
+    monkeypatch.setattr(POLAR_MODULE, "SAME_DTYPE_GRAM_MIN_K", 2)
+
+
+@pytest.fixture(params=["default", "gram"])
+def route(request: pytest.FixtureRequest) -> None:
+    """Each generic test runs with the default routing and with the Gram route tried first."""
+    if request.param == "gram":
+        request.getfixturevalue("gram_for_small_k")
+
+
+def test_polar_maximises_trace_and_matches_svd(route: None) -> None:
     A = torch.randn(7, 4, dtype=DT)
     Q = polar(A)
     L, _, Vh = torch.linalg.svd(A, full_matrices=False)
@@ -20,17 +37,17 @@ def test_polar_maximises_trace_and_matches_svd() -> None:
         assert torch.trace(R.T @ A) <= torch.trace(Q.T @ A) + 1e-12
 
 
-def test_polar_gradcheck_generic() -> None:
+def test_polar_gradcheck_generic(route: None) -> None:
     A = torch.randn(6, 3, dtype=DT, requires_grad=True)
     assert torch.autograd.gradcheck(polar, (A,))
 
 
-def test_polar_gradcheck_batched() -> None:
+def test_polar_gradcheck_batched(route: None) -> None:
     A = torch.randn(2, 3, 6, 3, dtype=DT, requires_grad=True)
     assert torch.autograd.gradcheck(polar, (A,))
 
 
-def test_polar_gradient_finite_at_repeated_singular_values() -> None:
+def test_polar_gradient_finite_at_repeated_singular_values(route: None) -> None:
     # A = R M_K + I-part: all nonzero singular values equal, where autograd through the SVD is NaN.
     R = random_stiefel(6, 4, dtype=DT)
     A = (R @ (simplex_etf(4, dtype=DT) + 0.5 * torch.eye(4, dtype=DT))).requires_grad_(True)
@@ -107,10 +124,13 @@ def test_float32_gram_route_is_as_accurate_as_the_float32_svd(kappa: float) -> N
     assert (Q.double() - exact).abs().amax() <= 3 * (svd32.double() - exact).abs().amax()
 
 
-def test_float32_input_takes_float32_gram_only_for_large_k() -> None:
+def test_routes_by_size_and_dtype() -> None:
     assert _gram_compute_dtypes(torch.zeros(300, 256)) == (torch.float32, torch.float64)
     assert _gram_compute_dtypes(torch.zeros(300, 255)) == (torch.float64,)
+    assert _gram_compute_dtypes(torch.zeros(300, 24)) == (torch.float64,)
+    assert _gram_compute_dtypes(torch.zeros(300, 23)) == ()
     assert _gram_compute_dtypes(torch.zeros(300, 256, dtype=DT)) == (torch.float64,)
+    assert _gram_compute_dtypes(torch.zeros(300, 255, dtype=DT)) == ()
 
 
 def test_conditioning_guard_limits() -> None:
@@ -132,7 +152,9 @@ def test_float32_moderate_kappa_falls_back_to_float64_gram() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, DT])
-def test_rank_deficient_input_takes_the_svd_route(dtype: torch.dtype) -> None:
+def test_rank_deficient_input_takes_the_svd_route(
+    dtype: torch.dtype, gram_for_small_k: None
+) -> None:
     s = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0])
     A = _with_spectrum(9, 5, s, dtype)
     assert not bool(polar_gram(A, torch.float64)[1])
@@ -141,7 +163,7 @@ def test_rank_deficient_input_takes_the_svd_route(dtype: torch.dtype) -> None:
     assert _orthonormality(Q) < 10 * torch.finfo(dtype).eps
 
 
-def test_ill_conditioned_float64_takes_the_svd_route() -> None:
+def test_ill_conditioned_float64_takes_the_svd_route(gram_for_small_k: None) -> None:
     A = _kappa(30, 8, 1e6)
     assert not bool(polar_gram(A, torch.float64)[1])
     Q, V, s, W = polar_factors(A)
@@ -150,7 +172,7 @@ def test_ill_conditioned_float64_takes_the_svd_route() -> None:
     assert _orthonormality(Q) < 1e-14
 
 
-def test_batch_mixes_routes_per_problem() -> None:
+def test_batch_mixes_routes_per_problem(gram_for_small_k: None) -> None:
     good = _kappa(9, 5, 3.0)
     deficient = _with_spectrum(9, 5, torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0]))
     moderate = _kappa(9, 5, 1e4)
@@ -164,7 +186,7 @@ def test_batch_mixes_routes_per_problem() -> None:
 
 
 def test_orthonormality_guard_catches_a_broken_eigensolver(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, gram_for_small_k: None
 ) -> None:
     A = _kappa(20, 6, 2.0)
     eigh = torch.linalg.eigh
@@ -197,15 +219,16 @@ def _dense_vjp(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kappa", [3.0, 10.0, 1e4])  # Gram, polished Gram, SVD route
-def test_backward_matches_the_dense_formula(kappa: float) -> None:
+def test_backward_matches_the_dense_formula(kappa: float, gram_for_small_k: None) -> None:
     A = _kappa(12, 5, kappa).requires_grad_(True)
+    assert bool(polar_gram(A.detach(), DT)[1]) == (kappa < 16)
     G = torch.randn(12, 5, dtype=DT)
     (grad,) = torch.autograd.grad(polar(A), A, G)
     torch.testing.assert_close(grad, _dense_vjp(A.detach(), G), rtol=1e-9, atol=1e-12)
 
 
-def test_gradcheck_on_both_routes() -> None:
-    for kappa in (3.0, 1e4):
+def test_gradcheck_on_both_routes(gram_for_small_k: None) -> None:
+    for kappa in (3.0, 10.0, 1e4):  # Gram, polished Gram, SVD
         A = _kappa(7, 4, kappa).requires_grad_(True)
         assert torch.autograd.gradcheck(polar, (A,))
 
@@ -219,7 +242,7 @@ def test_float32_gradient_matches_float64() -> None:
     assert float((grad.double() - grad64).norm() / grad64.norm()) < 1e-5
 
 
-def test_polar_vjp_computes_the_inverse_factor_when_not_given() -> None:
+def test_polar_vjp_computes_the_inverse_factor_when_not_given(gram_for_small_k: None) -> None:
     A = _kappa(10, 4, 3.0)
     G = torch.randn(10, 4, dtype=DT)
     Q, V, s, W = polar_factors(A)
