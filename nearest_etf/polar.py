@@ -58,6 +58,9 @@ from nearest_etf._threads import is_small, single_threaded
 
 __all__ = ["polar", "polar_vjp"]
 
+# The Gram route's limits (module docstring): kept while eps_c kappa^2 <= GRAM_TOLERANCE eps_out,
+# polished above POLISH_TOLERANCE eps_out; tried from K = GRAM_MIN_K in float64 for float32 A,
+# from K = SAME_DTYPE_GRAM_MIN_K in A's own dtype (crossovers measured by polar_speed.py).
 GRAM_TOLERANCE = 256.0
 POLISH_TOLERANCE = 32.0
 GRAM_MIN_K = 24
