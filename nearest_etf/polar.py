@@ -163,20 +163,24 @@ def _select(keep: Tensor, first: Factors, second: Factors) -> Factors:
     )
 
 
-def polar_factors(A: Tensor) -> Factors:
+def polar_factors(A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(Q, V, s, W) of A[..., d, K]: Q = polar(A), A^T A = V diag(s^2) V^T, W = P^+, by the Gram
-    route with its accuracy guard and the SVD route for the problems that fail it."""
-    factors: Factors | None = None
-    done = torch.zeros(A.shape[:-2], dtype=torch.bool, device=A.device)
+    route with its accuracy guard and the SVD route for the problems that fail it. W is None
+    where every problem took the SVD route (the backward forms P^+ itself, only if it runs)."""
+    best: tuple[Factors, Tensor] | None = None  # the factors so far and where they passed
     for dtype in _gram_compute_dtypes(A):
         found, ok = polar_gram(A, dtype)
-        factors = found if factors is None else _select(done, factors, found)
-        done = done | ok
-        if bool(done.all()):
-            return factors
+        if best is not None:
+            factors, done = best
+            found, ok = _select(done, factors, found), done | ok
+        best = (found, ok)
+        if bool(ok.all()):
+            return found
     Q, V, s = polar_svd(A)
-    svd = (Q, V, s, _inverse_factor(V, s, _null_tolerance(s, A.shape)))
-    return svd if factors is None else _select(done, factors, svd)
+    if best is None:
+        return Q, V, s, None
+    factors, done = best
+    return _select(done, factors, (Q, V, s, _inverse_factor(V, s, _null_tolerance(s, A.shape))))
 
 
 def polar_factors_at(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
@@ -216,7 +220,7 @@ class _Polar(torch.autograd.Function):
         with single_threaded(is_small(A)):
             if Q_given is None:
                 Q, V, s, W = polar_factors(A)
-                ctx.save_for_backward(Q, V, s, W)
+                ctx.save_for_backward(Q, V, s, *([] if W is None else [W]))
             else:
                 Q = Q_given
                 V, s = polar_factors_at(A, Q)
@@ -225,7 +229,7 @@ class _Polar(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, G: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        Q, V, s, *P_pinv = ctx.saved_tensors  # P^+ was saved by the closed-form forward only
+        Q, V, s, *P_pinv = ctx.saved_tensors  # P^+ is saved where the forward formed it
         with single_threaded(is_small(G)):
             return polar_vjp(Q, V, s, G, *P_pinv), None
 
