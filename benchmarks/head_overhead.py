@@ -4,16 +4,18 @@ Backbone: MLP(784 -> 1024 -> d) (Linear + BatchNorm + ReLU per layer), batch 256
 momentum, float32, synthetic inputs and uniformly random labels (timing only). The heads are
 measured side by side: after a warm-up, each repeat times one step of every head in turn, and
 the median over repeats is reported (with the ratio of the minima, which is less sensitive
-to other processes on a shared machine). Target: ImplicitETFHead <= 1.15x LearnedHead at
-(d, K) = (512, 100).
+to other processes on a shared machine). Targets (issue 18, one thread): ImplicitETFHead /
+LearnedHead <= 1.05x at (d, K) = (512, 100) and <= 3x at (2048, 1000), each printed with
+PASS/FAIL on the median ratio.
 
-    .venv/bin/python benchmarks/head_overhead.py [--repeats 30] [--threads N] [--json out.json]
+    .venv/bin/python benchmarks/head_overhead.py [--repeats 30] [--threads 1] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from nearest_etf.experiments.models import MLP, Classifier
 from nearest_etf.nn.heads import HEADS, make_head
 
 SHAPES = ((512, 10), (512, 100), (2048, 1000))
-TARGET_SHAPE, TARGET_RATIO = (512, 100), 1.15
+TARGETS = {(512, 100): 1.05, (2048, 1000): 3.0}  # implicit / learned step time, at most
 BATCH, INPUT, HIDDEN = 256, 784, 1024
 
 
@@ -76,7 +78,9 @@ def _shape(text: str) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per head and shape")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1, the targets')"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument(
         "--shapes",
@@ -86,11 +90,11 @@ def main() -> None:
         help="(d, K) pairs as dxK (default: 512x10 512x100 2048x1000)",
     )
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     print(
         f"MLP({INPUT} -> {HIDDEN} -> d) + head, batch {BATCH}, SGD, float32, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats} steps"
+        f"{torch.get_num_threads()} threads, median of {args.repeats} steps, "
+        f"1-min load average {os.getloadavg()[0]:.2f}"
     )
     print(
         f"{'d':>6}{'K':>6}"
@@ -120,15 +124,17 @@ def main() -> None:
             + "".join(f"{1e3 * t[n]:>16.2f}" for n in HEADS)
             + f"{ratio:>14.3f}{ratio_min:>13.3f}"
         )
+    print("targets")
     for r in results:
-        if (r["d"], r["K"]) == TARGET_SHAPE:
+        limit = TARGETS.get((r["d"], r["K"]))
+        if limit is not None:
             ratio = r["implicit_over_learned"]
-            verdict = "meets" if ratio <= TARGET_RATIO else "MISSES"
             print(
-                f"ImplicitETFHead / LearnedHead at (d, K) = {TARGET_SHAPE}: {ratio:.3f}x median, "
-                f"{r['implicit_over_learned_min']:.3f}x min ({verdict} the <= {TARGET_RATIO}x "
-                "target on the median)"
+                f"  implicit / learned step at (d, K) = ({r['d']}, {r['K']}): {ratio:.3f}x median, "
+                f"{r['implicit_over_learned_min']:.3f}x min (target <= {limit:g}x)  "
+                f"{'PASS' if ratio <= limit else 'FAIL'}"
             )
+    print(f"1-min load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "results": results}))
 

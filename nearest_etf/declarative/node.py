@@ -39,6 +39,7 @@ import geoopt
 import torch
 from torch import Tensor
 
+from nearest_etf._threads import is_small, single_threaded
 from nearest_etf.declarative.geometry import ConstraintGeometry, geometry_of
 from nearest_etf.declarative.solvers import (
     Inputs,
@@ -417,4 +418,7 @@ class DeclarativeNode:
         def f_y(y_: Tensor) -> Tensor:
             return self.objective(x, y_)
 
-        return backward.tangent_solve(geometry_of(self.manifold), f_y, y, v)
+        # dozens of Hessian-vector products (or one dense factorisation) at a point of y's
+        # shape: one thread where that is small (nearest_etf._threads)
+        with single_threaded(is_small(y)):
+            return backward.tangent_solve(geometry_of(self.manifold), f_y, y, v)

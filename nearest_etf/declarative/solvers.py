@@ -30,8 +30,10 @@ import geoopt
 import numpy as np
 import pymanopt
 import torch
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 
+from nearest_etf._threads import is_small, single_threaded
 from nearest_etf._validation import check_nonnegative
 from nearest_etf.declarative.geometry import geometry_of
 from nearest_etf.polar_decomposition import polar
@@ -178,7 +180,10 @@ class _IterativeSolver:
     ) -> SolverResult:
         if y0 is None:
             raise ValueError(f"{type(self).__name__} needs an initial point y0 on the manifold")
-        result = self._run(objective, manifold, _detached(x), y0.detach())
+        # every iteration is small linear algebra at a point of y0's shape (geoopt's QR
+        # retraction, autograd of the objective): one thread where it is small (_threads)
+        with single_threaded(is_small(y0)):
+            result = self._run(objective, manifold, _detached(x), y0.detach())
         if not result.converged:
             _warn_stopped_short(result, self, self.min_gradient_norm)
         return result
@@ -260,8 +265,11 @@ class TrustRegions(_IterativeSolver):
             min_gradient_norm=self.min_gradient_norm,
             verbosity=self.verbosity,
         )
-        # torch.func transforms differentiate regardless of an enclosing no_grad
-        found = optimizer.run(problem, initial_point=y0.double().cpu().numpy())
+        # torch.func transforms differentiate regardless of an enclosing no_grad. pymanopt's
+        # NumPy work runs on NumPy's BLAS threads, which on small problems only contend with
+        # torch's (2-10x slower on 2 cores): one BLAS thread where the problem is small.
+        with threadpool_limits(1 if is_small(y0) else None, user_api="blas"):
+            found = optimizer.run(problem, initial_point=y0.double().cpu().numpy())
         gradient_norm = float(found.gradient_norm)
         return SolverResult(
             torch.as_tensor(found.point, dtype=y0.dtype, device=device),

@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
+from nearest_etf._threads import is_small, single_threaded
 from nearest_etf._validation import (
     check_choice,
     check_float_tensor,
@@ -235,7 +236,8 @@ def _whitening(rows: Tensor, rtol: float | None) -> Tensor:
     eps * d, torch.linalg.pinv's default on rows^T rows), so that (rows^T rows)^+ = P P^T and
     r is its numerical rank. For B = centred means, Sigma_B = B^T B / K gives
     Sigma_B^+ = K P P^T and tr(Sigma_W Sigma_B^+) / K = tr(P^T Sigma_W P)."""
-    _, s, Qt = torch.linalg.svd(rows, full_matrices=False)
+    with single_threaded(is_small(rows, inner=min(rows.shape))):
+        _, s, Qt = torch.linalg.svd(rows, full_matrices=False)
     cutoff = torch.finfo(s.dtype).eps * rows.shape[1] if rtol is None else rtol
     keep = s > cutoff**0.5 * s[0]
     return Qt[keep].mT / s[keep]
@@ -320,7 +322,9 @@ def _class_rank_of_grams(grams: Tensor) -> float:
 
 def singular_values(M: Tensor) -> Tensor:
     """Singular values of a matrix M[m, n], in decreasing order (length min(m, n))."""
-    return torch.linalg.svdvals(_check_matrix("M", M))
+    M = _check_matrix("M", M)
+    with single_threaded(is_small(M, inner=min(M.shape))):
+        return torch.linalg.svdvals(M)
 
 
 def _scaled_singular_values(M: Tensor) -> Tensor:
@@ -596,8 +600,9 @@ def nearest_etf_distance(means: Tensor, global_mean: Tensor | None = None) -> Te
     means, global_mean = _check_means(means, global_mean)
     centred, _ = _centred_means(means, global_mean, "the nearest-ETF distance")
     Hn = normalise(centred.mT, (0, 1))
-    U = nearest_etf(Hn.detach())
-    return nearest_etf_objective(Hn, U).clamp_min(0).sqrt()
+    with single_threaded(is_small(Hn)):
+        U = nearest_etf(Hn.detach())
+        return nearest_etf_objective(Hn, U).clamp_min(0).sqrt()
 
 
 class CollapseStatistics:

@@ -21,27 +21,13 @@ dominates), with G_L = (Z_L - Y)/N:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["DUFMProblem", "LossParts", "one_torch_thread"]
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run torch single-threaded inside the block (restoring the thread count after): for these
-    tiny matrices threading only adds overhead, and torch's threads spinning beside scipy's BLAS
-    slows L-BFGS by orders of magnitude on 2 cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+__all__ = ["DUFMProblem", "LossParts"]
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ import scipy.optimize
 import torch
 from torch import Tensor
 
-from nearest_etf.experiments.dufm.model import DUFMProblem, one_torch_thread
+from nearest_etf._threads import single_threaded
+from nearest_etf.experiments.dufm.model import DUFMProblem
 
 __all__ = [
     "ReferenceLosses",
@@ -194,7 +195,7 @@ def optimise_locally(
         parts, grads = problem.loss_and_grad(unflatten(x))
         return parts.total, torch.cat([g.flatten() for g in grads]).cpu().double().numpy()
 
-    with one_torch_thread():
+    with single_threaded():  # tiny matrices; torch threads contend with scipy's BLAS
         current = [p.detach().clone() for p in params]
         optimizer = torch.optim.SGD(current, lr=gd_lr)
         for _ in range(gd_steps):

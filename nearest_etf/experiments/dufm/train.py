@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from nearest_etf._threads import single_threaded
 from nearest_etf.experiments._common.runs import divergence
-from nearest_etf.experiments.dufm.model import DUFMProblem, LossParts, one_torch_thread
+from nearest_etf.experiments.dufm.model import DUFMProblem, LossParts
 
 __all__ = ["CONVERGED_RTOL", "OPTIMIZERS", "TrainConfig", "TrainResult", "train_dufm"]
 
@@ -148,7 +149,7 @@ def train_dufm(config: TrainConfig, progress: bool = False) -> TrainResult:
     (``diverged=True``, with the step and the reason) at a recorded step where the loss or a
     parameter is non-finite or beyond the divergence bound (`runs.divergence`).
     """
-    with one_torch_thread():
+    with single_threaded():  # tiny matrices; torch threads contend with scipy's BLAS
         return _train(config, progress)
 
 
