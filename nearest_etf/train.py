@@ -1,13 +1,19 @@
 """`nearest-etf train`: train one backbone with each classifier head on a real data set.
 
 Every (head, seed) run uses the same backbone initialisation (torch.manual_seed(seed) before
-building it), data order (a loader generator seeded with seed), optimiser and schedule, so runs
-differ only in the head. After every epoch the training-set collapse metrics
-(`nearest_etf.metrics.collapse_metrics`, on the features the head sees) and the test loss and
-accuracy are recorded. Outputs in the output directory: metrics.csv and metrics.json (config
-and one row per head, seed, epoch), comparison.png (mean over seeds, min-max band) and, for the
-MLP without a head temperature, network-<head>-seed<s>.pt per run: the trained eval-mode network
-as a `nearest_etf.layer_stack.LayerStack` (BatchNorm folded into the linear layers, the head's
+building it), data order (a loader generator seeded with seed), augmentation, optimiser and
+schedule, so runs differ only in the head. Each head is built with its own defaults unless an
+option overrides them (`--temperature` for every head). After every epoch the training-set
+collapse metrics (`nearest_etf.metrics.collapse_metrics`, on the features the head sees) and
+the test loss and accuracy are recorded.
+
+A run whose training loss, or the features or logits of its head, become non-finite stops
+there (`NonFiniteError`); its last row has status "diverged", the reason in `error` and no
+metrics, and the other runs go on. Outputs in the output directory: metrics.csv and
+metrics.json (config and one row per head, seed, epoch), comparison.png (mean over seeds,
+min-max band, runs that did not diverge) and, for the MLP with a head without temperature,
+network-<head>-seed<s>.pt per run: the trained eval-mode network as a
+`nearest_etf.layer_stack.LayerStack` (BatchNorm folded into the linear layers, the head's
 classifier as the last layer, the flattened training inputs as X; float64, so about
 8 * m * in_1 bytes for the inputs) for `nearest-etf bounds`; `--no-networks` skips them.
 """
@@ -38,9 +44,16 @@ from nearest_etf._cli import (
     positive_int,
 )
 from nearest_etf._io import write_csv
-from nearest_etf._training import eval_loaders, evaluate, save_network, step_bar, train_epoch
+from nearest_etf._training import (
+    crop_flip,
+    eval_loaders,
+    evaluate,
+    save_network,
+    step_bar,
+    train_epoch,
+)
 from nearest_etf.data import DataSplits, load_dataset, make_loader
-from nearest_etf.heads import HEADS, make_head
+from nearest_etf.heads import HEADS, NonFiniteError, make_head
 from nearest_etf.losses import LOSSES, loss_function
 from nearest_etf.metrics import collapse_metrics
 from nearest_etf.models import MODELS, Classifier, make_backbone
@@ -49,6 +62,8 @@ __all__ = ["TrainConfig", "add_parser", "train_all", "train_run", "write_results
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OPTIMIZERS = ("sgd", "adam")
+# TrainConfig.temperature: "default" builds each head with its own default temperature.
+HEAD_DEFAULT = "default"
 PLOTTED = (
     ("train_loss", "train loss"),
     ("train_accuracy", "train accuracy [%]"),
@@ -77,9 +92,10 @@ class TrainConfig(TrainingOptions):
     momentum: float = 0.9
     loss: str = "ce"
     widths: tuple[int, ...] = (256, 256)
-    temperature: float | None = None
+    temperature: float | str | None = HEAD_DEFAULT
     delta: float = 1e-3
     average: str = "ema"
+    augment: bool = False
     save_networks: bool = True
     head_options: dict[str, dict[str, object]] = field(default_factory=dict)
 
@@ -94,7 +110,9 @@ def _optimizer(config: TrainConfig, params: Iterator[nn.Parameter]) -> torch.opt
 
 
 def _head_options(config: TrainConfig, name: str) -> dict[str, object]:
-    options: dict[str, object] = {"temperature": config.temperature}
+    options: dict[str, object] = {}
+    if config.temperature != HEAD_DEFAULT:
+        options["temperature"] = config.temperature
     if name == "implicit":
         options |= {"delta": config.delta, "average": config.average}
     return options | config.head_options.get(name, {})
@@ -114,6 +132,21 @@ class _Outputs:
                 yield self.model.head.scale_features(features), logits, y
 
 
+def _augmentation(
+    config: TrainConfig, data: DataSplits, seed: int
+) -> Callable[[Tensor], Tensor] | None:
+    """`crop_flip` with a generator seeded by `seed` when config.augment (images only)."""
+    if not config.augment:
+        return None
+    if len(data.input_shape) != 3:
+        raise ValueError(
+            f"--augment (random crop + flip) needs image data [C, H, W]; {data.name} has inputs "
+            f"of shape {data.input_shape}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    return lambda x: crop_flip(x, generator)
+
+
 def train_run(
     data: DataSplits,
     config: TrainConfig,
@@ -121,9 +154,9 @@ def train_run(
     seed: int,
     network_dir: Path | None = None,
 ) -> list[dict[str, object]]:
-    """Train backbone + head `head_name` with `seed`; one metrics row per epoch. With
-    `network_dir` (and an MLP without temperature) also write
-    network_dir/network-<head>-seed<seed>.pt (see the module docstring)."""
+    """Train backbone + head `head_name` with `seed`; one metrics row per epoch (status "ok"),
+    or up to a diverged epoch (see the module docstring). With `network_dir` (an MLP and a
+    head without temperature) also write network_dir/network-<head>-seed<seed>.pt."""
     device = torch.device(config.device)
     torch.manual_seed(seed)
     backbone = make_backbone(config.model, data.input_shape, config.widths)
@@ -133,27 +166,39 @@ def train_run(
     model = Classifier(backbone, head).to(device)
     optimizer = _optimizer(config, model.parameters())
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    loss_fn = loss_function(config.loss, scale=config.temperature or 1.0)
+    loss_fn = loss_function(config.loss, scale=head.temperature or 1.0)
     train_loader = make_loader(
         data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
     )
+    transform = _augmentation(config, data, seed)
     eval_train, eval_test = eval_loaders(data)
     rows: list[dict[str, object]] = []
     bar = step_bar(config.epochs * len(train_loader), f"{head_name} seed {seed}", config.progress)
     for epoch in range(1, config.epochs + 1):
-        step_loss = train_epoch(
-            model, train_loader, optimizer, loss_fn, bar.update, targets_to_model=True
-        )
-        schedule.step()
-        model.eval()
-        W, b = head.classifier()
-        outputs = _Outputs(model, eval_train, device)
-        metrics = collapse_metrics(outputs, W, b, data.num_classes, loss_fn=loss_fn)
-        test_loss, test_accuracy = evaluate(model, eval_test, loss_fn)
-        row: dict[str, object] = {
-            "head": head_name,
-            "seed": seed,
-            "epoch": epoch,
+        row: dict[str, object] = {"head": head_name, "seed": seed, "epoch": epoch}
+        try:
+            step_loss = train_epoch(
+                model,
+                train_loader,
+                optimizer,
+                loss_fn,
+                bar.update,
+                targets_to_model=True,
+                transform=transform,
+            )
+            schedule.step()
+            model.eval()
+            W, b = head.classifier()
+            outputs = _Outputs(model, eval_train, device)
+            metrics = collapse_metrics(outputs, W, b, data.num_classes, loss_fn=loss_fn)
+            test_loss, test_accuracy = evaluate(model, eval_test, loss_fn)
+        except NonFiniteError as error:
+            rows.append(row | {"status": "diverged", "error": f"epoch {epoch}: {error}"})
+            bar.write(f"{head_name} seed {seed} diverged in epoch {epoch}: {error}")
+            break
+        row |= {
+            "status": "ok",
+            "error": "",
             "train_loss": metrics.pop("loss"),
             "train_step_loss": step_loss,
             "train_accuracy": metrics.pop("accuracy"),
@@ -168,7 +213,8 @@ def train_run(
         network_dir is not None
         and config.save_networks
         and config.model == "mlp"
-        and config.temperature is None
+        and head.temperature is None
+        and rows[-1]["status"] == "ok"
     ):
         path = network_dir / f"network-{head_name}-seed{seed}.pt"
         save_network(model, data, path, "train", config, rows[-1], "head")
@@ -190,7 +236,10 @@ def train_all(
 
 
 def _plot(rows: Sequence[dict[str, object]], heads: Sequence[str], path: Path) -> None:
-    """One panel per metric: mean over seeds vs epoch per head, min-max band."""
+    """One panel per metric: mean over seeds vs epoch per head, min-max band (runs that
+    did not diverge only)."""
+    diverged = {(r["head"], r["seed"]) for r in rows if r["status"] != "ok"}
+    rows = [r for r in rows if (r["head"], r["seed"]) not in diverged]
     cols = 4
     fig = Figure(figsize=(4 * cols, 3 * math.ceil(len(PLOTTED) / cols)))
     for i, (key, title) in enumerate(PLOTTED):
@@ -216,7 +265,7 @@ def _plot(rows: Sequence[dict[str, object]], heads: Sequence[str], path: Path) -
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
-        if i == 0:
+        if i == 0 and ax.has_data():
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -227,6 +276,8 @@ def write_results(
 ) -> dict[str, Path]:
     """Write metrics.csv, metrics.json (config + rows) and comparison.png into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # a diverged row has fewer keys
+    rows = [{k: r.get(k) for k in keys} for r in rows]
     paths = {
         "csv": out_dir / "metrics.csv",
         "json": out_dir / "metrics.json",
@@ -239,17 +290,28 @@ def write_results(
 
 
 def _summary(rows: Sequence[dict[str, object]], heads: Sequence[str]) -> str:
-    """Final-epoch test accuracy and NC metrics per head, mean +- std over seeds."""
+    """Final-epoch test accuracy and NC metrics per head, mean +- std over the seeds that
+    completed every epoch, and one line per diverged run."""
     last = max(int(r["epoch"]) for r in rows)
     keys = ("test_accuracy", "train_accuracy", "nc1", "nc2_means", "nc3", "ncc_mismatch")
     lines = [f"{'head':<10}" + "".join(f"{k:>22}" for k in keys)]
     for head in heads:
-        final = [r for r in rows if r["head"] == head and r["epoch"] == last]
+        final = [
+            r for r in rows if r["head"] == head and r["epoch"] == last and r["status"] == "ok"
+        ]
+        if not final:
+            lines.append(f"{head:<10} no run completed")
+            continue
         cells = []
         for key in keys:
             values = np.array([float(r[key]) for r in final])
             cells.append(f"{values.mean():>13.4g} +- {values.std():<6.2g}")
         lines.append(f"{head:<10}" + "".join(cells))
+    lines += [
+        f"{r['head']} seed {r['seed']} diverged in {r['error']}"
+        for r in rows
+        if r["status"] != "ok"
+    ]
     return "\n".join(lines)
 
 
@@ -262,6 +324,23 @@ def main(args: argparse.Namespace) -> None:
     paths = write_results(rows, config, out_dir)
     print(_summary(rows, heads))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _temperature(text: str) -> float | str | None:
+    """argparse type of --temperature: a positive number, 'auto', 'none' or 'default'."""
+    if text in (HEAD_DEFAULT, "auto"):
+        return text
+    if text == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number, 'auto', 'none' or 'default', got {text!r}"
+        ) from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"the temperature must be positive, got {text}")
+    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -290,11 +369,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--temperature",
-        type=float,
+        type=_temperature,
         default=d.temperature,
-        help="normalise the features to this norm before every head (default: off)",
+        help="feature norm tau before every head: a number, 'auto' (the ETF heads' rule "
+        "from K), 'none' (no normalisation) or 'default' (each head's own default: auto for "
+        "the ETF heads, none for the learned head)",
     )
     parser.add_argument("--delta", type=float, default=d.delta, help="implicit head prox weight")
     parser.add_argument("--average", choices=("ema", "cma", "none"), default=d.average)
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help="random crop (4-pixel zero padding) and horizontal flip of training images",
+    )
     add_run_arguments(parser, d, device_help="cpu, cuda, cuda:1, ...", threads=False, networks=True)
     parser.set_defaults(func=main)
