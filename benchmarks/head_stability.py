@@ -175,6 +175,7 @@ def run(
         "max_rise": max((losses[i] / min(losses[:i]) for i in range(1, len(losses))), default=1.0),
         "rose": rose,
         "status": status,
+        "epoch_losses": losses,
     }
 
 
