@@ -211,6 +211,30 @@ def table(records: Sequence[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def overview(records: Sequence[dict[str, object]]) -> str:
+    """One line per (data set, variant) over its whole optimiser x lr grid: the mean test
+    accuracy over every run, the worst (optimiser, lr) cell's mean, and the runs that rose or
+    diverged."""
+    keys = list(dict.fromkeys((r["dataset"], r["variant"]) for r in records))
+    lines = [
+        f"{'dataset':<8} {'head':<16} {'mean acc':>9} {'worst cell':>11} {'rose/diverged':>14}"
+    ]
+    for dataset, variant in keys:
+        group = [r for r in records if (r["dataset"], r["variant"]) == (dataset, variant)]
+        cells: dict[tuple[object, object], list[float]] = {}
+        for r in group:
+            cells.setdefault((r["optimizer"], r["lr"]), []).append(float(r["test_accuracy"]))
+        mean = statistics.fmean(float(r["test_accuracy"]) for r in group)
+        worst = min(statistics.fmean(v) for v in cells.values())
+        rose = sum(bool(r["rose"]) for r in group)
+        diverged = sum(r["status"] != "ok" for r in group)
+        lines.append(
+            f"{dataset:<8} {variant:<16} {mean:>9.1f} {worst:>11.1f} "
+            f"{f'{rose}/{diverged} of {len(group)}':>14}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
@@ -227,7 +251,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="write the run records here")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--table", type=Path, default=None, help="print the tables of a stored --json and exit"
+    )
     args = parser.parse_args(argv)
+    if args.table is not None:
+        records = json.loads(args.table.read_text())["records"]
+        print(table(records) + "\n\n" + overview(records))
+        return
     torch.set_num_threads(args.threads)
     variants = args.variant or [Variant(name, name) for name in HEADS]
     lrs = {"sgd": args.lrs_sgd, "adam": args.lrs_adam}
@@ -255,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                     indent=1,
                                 )
                             )
-    print(table(records))
+    print(table(records) + "\n\n" + overview(records))
     print(f"{len(records)} runs in {time.perf_counter() - start:.0f} s")
 
 

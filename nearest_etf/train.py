@@ -58,12 +58,22 @@ from nearest_etf.losses import LOSSES, loss_function
 from nearest_etf.metrics import collapse_metrics
 from nearest_etf.models import MODELS, Classifier, make_backbone
 
-__all__ = ["TrainConfig", "add_parser", "train_all", "train_run", "write_results"]
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "TrainConfig",
+    "add_parser",
+    "summarise",
+    "train_all",
+    "train_run",
+    "write_results",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OPTIMIZERS = ("sgd", "adam")
 # TrainConfig.temperature: "default" builds each head with its own default temperature.
 HEAD_DEFAULT = "default"
+THRESHOLD_KEYS = ("train_error", "nc1", "nc2_means", "nc2_classifier", "nc3", "ncc_mismatch")
+DEFAULT_THRESHOLDS = {"train_error": 1.0, "nc1": 0.5, "nc2_means": 0.5, "nc3": 0.3}
 PLOTTED = (
     ("train_loss", "train loss"),
     ("train_accuracy", "train accuracy [%]"),
@@ -289,23 +299,71 @@ def write_results(
     return paths
 
 
-def _summary(rows: Sequence[dict[str, object]], heads: Sequence[str]) -> str:
-    """Final-epoch test accuracy and NC metrics per head, mean +- std over the seeds that
-    completed every epoch, and one line per diverged run."""
-    last = max(int(r["epoch"]) for r in rows)
+def _value(row: dict[str, object], key: str) -> float:
+    if key == "train_error":
+        return 100.0 - float(row["train_accuracy"])  # type: ignore[arg-type]
+    return float(row[key])  # type: ignore[arg-type]
+
+
+def _cell(values: Sequence[float]) -> str:
+    array = np.asarray(values, dtype=float)
+    return f"{array.mean():.4g} +- {array.std():.2g}"
+
+
+def summarise(
+    rows: Sequence[dict[str, object]],
+    heads: Sequence[str],
+    thresholds: dict[str, float] | None = None,
+) -> str:
+    """The printed summary of a `train` run.
+
+    1. Final epoch, per head, over the runs that did not diverge: mean +- std over the seeds
+       of the test and train accuracy, NC1, NC2 (means), NC3, NCC mismatch, and the test
+       accuracy's min and max.
+    2. Per head and metric of `thresholds` (default DEFAULT_THRESHOLDS; keys: row metrics or
+       "train_error" = 100 - train accuracy, in %): the first epoch with metric <= threshold,
+       as the median over the seeds that reach it, [min, max] and how many seeds reach it.
+    3. One line per diverged run with its reason.
+    """
+    thresholds = DEFAULT_THRESHOLDS if thresholds is None else thresholds
+    diverged = {(r["head"], r["seed"]) for r in rows if r["status"] != "ok"}
+    done = [r for r in rows if (r["head"], r["seed"]) not in diverged]
+    last = max((int(r["epoch"]) for r in done), default=0)  # type: ignore[call-overload]
     keys = ("test_accuracy", "train_accuracy", "nc1", "nc2_means", "nc3", "ncc_mismatch")
-    lines = [f"{'head':<10}" + "".join(f"{k:>22}" for k in keys)]
+    lines = [f"final epoch ({last}), mean +- std over seeds:"]
+    lines.append(
+        f"{'head':<10}{'seeds':>6}" + "".join(f"{k:>20}" for k in keys) + "   test min, max"
+    )
     for head in heads:
-        final = [
-            r for r in rows if r["head"] == head and r["epoch"] == last and r["status"] == "ok"
-        ]
+        final = [r for r in done if r["head"] == head and r["epoch"] == last]
         if not final:
             lines.append(f"{head:<10} no run completed")
             continue
+        test = [_value(r, "test_accuracy") for r in final]
+        lines.append(
+            f"{head:<10}{len(final):>6}"
+            + "".join(f"{_cell([_value(r, k) for r in final]):>20}" for k in keys)
+            + f"   {min(test):.4g}, {max(test):.4g}"
+        )
+    lines += ["", "first epoch at or below the threshold: median over seeds [min, max] (seeds)"]
+    header = "".join(f"{f'{k} <= {v:g}':>26}" for k, v in thresholds.items())
+    lines.append(f"{'head':<10}" + header)
+    for head in heads:
         cells = []
-        for key in keys:
-            values = np.array([float(r[key]) for r in final])
-            cells.append(f"{values.mean():>13.4g} +- {values.std():<6.2g}")
+        for key, limit in thresholds.items():
+            first = []
+            seeds = sorted({r["seed"] for r in done if r["head"] == head})
+            for seed in seeds:
+                mine = [r for r in done if r["head"] == head and r["seed"] == seed]
+                epochs = [int(r["epoch"]) for r in mine if _value(r, key) <= limit]  # type: ignore[call-overload]
+                if epochs:
+                    first.append(min(epochs))
+            cell = (
+                f"{np.median(first):g} [{min(first)}, {max(first)}] ({len(first)}/{len(seeds)})"
+                if first
+                else f"- (0/{len(seeds)})"
+            )
+            cells.append(f"{cell:>26}")
         lines.append(f"{head:<10}" + "".join(cells))
     lines += [
         f"{r['head']} seed {r['seed']} diverged in {r['error']}"
@@ -315,14 +373,39 @@ def _summary(rows: Sequence[dict[str, object]], heads: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _thresholds(text: str) -> dict[str, float]:
+    """argparse type of --thresholds: key=value,... with keys of THRESHOLD_KEYS."""
+    found = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in THRESHOLD_KEYS:
+            raise argparse.ArgumentTypeError(
+                f"unknown threshold {key!r}; choose from {', '.join(THRESHOLD_KEYS)}"
+            )
+        try:
+            found[key] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad threshold value in {item!r}") from None
+    return found
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.summarise is not None:
+        stored = json.loads(args.summarise.read_text())
+        text = summarise(stored["rows"], stored["config"]["heads"], args.thresholds)
+        (args.summarise.parent / "summary.txt").write_text(text + "\n")
+        print(text)
+        return
     heads = tuple(HEADS) if args.head == "all" else (args.head,)
     config = config_from_args(TrainConfig, args, heads=heads, widths=tuple(args.widths))
     out_dir = args.out or default_out_dir("train", f"{Path(args.dataset).name}-{args.model}")
     print(f"output directory: {out_dir}")
     rows = train_all(config, network_dir=out_dir)
     paths = write_results(rows, config, out_dir)
-    print(_summary(rows, heads))
+    text = summarise(rows, heads, args.thresholds)
+    paths["txt"] = out_dir / "summary.txt"
+    paths["txt"].write_text(text + "\n")
+    print(text)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
@@ -383,4 +466,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="random crop (4-pixel zero padding) and horizontal flip of training images",
     )
     add_run_arguments(parser, d, device_help="cpu, cuda, cuda:1, ...", threads=False, networks=True)
+    parser.add_argument(
+        "--thresholds",
+        type=_thresholds,
+        default=None,
+        help="collapse thresholds of the summary, key=value,... (keys: "
+        + ", ".join(THRESHOLD_KEYS)
+        + "; train_error in %%; default: "
+        + ",".join(f"{k}={v:g}" for k, v in DEFAULT_THRESHOLDS.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--summarise",
+        type=Path,
+        default=None,
+        metavar="METRICS_JSON",
+        help="print (and write summary.txt next to it) the summary of a stored run's "
+        "metrics.json instead of training",
+    )
     parser.set_defaults(func=main)

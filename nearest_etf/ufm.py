@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from nearest_etf import metrics
 from nearest_etf.dufm.sweep import map_unordered
-from nearest_etf.heads import make_head
+from nearest_etf.heads import NonFiniteError, make_head
 
 __all__ = [
     "METHODS",
@@ -157,6 +157,10 @@ def ufm_head(method: str, config: UFMConfig, seed: int) -> nn.Module:
     the config's feature normalisation, initialised from ``seed``."""
     _check_method(method)
     options: dict = {"temperature": config.feature_norm}
+    if method != "learned":
+        # full batch: every batch mean is the data's mean, so the eval bias b = -W m takes the
+        # last step's (momentum 1) and the recorded metrics use the classifier of the step
+        options["momentum"] = 1.0
     if method == "fixed":
         options |= {"rotation": "random", "seed": seed}
     elif method.startswith("implicit"):
@@ -240,7 +244,8 @@ def run_ufm(config: UFMConfig, method: str, lr: float, seed: int, progress: bool
     """Train the UFM of ``method`` at learning rate ``lr`` from ``seed`` for ``config.steps``.
 
     Deterministic for a given (config, method, lr, seed) on a given machine and thread count.
-    Stops early with ``diverged=True`` if the loss or the features become non-finite.
+    Stops early with ``diverged=True`` if the loss, the features or the logits become
+    non-finite.
     """
     _check_method(method)
     if not lr > 0:
@@ -260,7 +265,11 @@ def run_ufm(config: UFMConfig, method: str, lr: float, seed: int, progress: bool
     record = set(config.record_steps())
     for step in range(config.steps + 1):
         optimizer.zero_grad(set_to_none=True)
-        F, logits = model()
+        try:
+            F, logits = model()
+        except NonFiniteError:  # the head met non-finite features or produced such logits
+            run.diverged = True
+            break
         loss = nn.functional.cross_entropy(logits, model.labels)
         if not (torch.isfinite(loss) and torch.isfinite(F).all()):
             run.diverged = True

@@ -18,7 +18,7 @@ from nearest_etf.data import DataSplits, load_dataset, load_mnist1d, read_idx
 from nearest_etf.heads import ImplicitETFHead, NonFiniteError
 from nearest_etf.losses import dot_regression_loss, loss_function, mse_one_hot_loss
 from nearest_etf.models import MLP, ResNet18, make_backbone
-from nearest_etf.train import TrainConfig, _summary, train_all, train_run, write_results
+from nearest_etf.train import TrainConfig, summarise, train_all, train_run, write_results
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,39 @@ def test_train_command_writes_csv_json_png(tmp_path, capsys):
     quiet = tmp_path / "no-networks"
     cli_main([*args.split(), str(quiet), "--no-progress", "--no-networks", "--seeds", "1"])
     assert (quiet / "metrics.csv").exists() and not list(quiet.glob("network-*.pt"))
+    # the summary of a stored run, with other thresholds
+    summary = (out / "summary.txt").read_text()
+    assert "first epoch at or below the threshold" in summary
+    capsys.readouterr()
+    cli_main(["train", "--summarise", str(out / "metrics.json"), "--thresholds", "nc1=1e9"])
+    printed = capsys.readouterr().out
+    assert "nc1 <= 1e+09" in printed and "1 [1, 1] (2/2)" in printed
+
+
+def test_summary_gives_final_values_and_threshold_epochs():
+    rows = [
+        {
+            "head": "a",
+            "seed": seed,
+            "epoch": epoch,
+            "status": "ok",
+            "train_accuracy": acc,
+            "test_accuracy": 50.0 + seed,
+            "nc1": nc1,
+            "nc2_means": 1.0,
+            "nc3": 1.0,
+            "ncc_mismatch": 0.0,
+        }
+        for seed, curve in enumerate(
+            [[(90, 1.0), (99.5, 0.4), (100, 0.2)], [(80, 1.0), (95, 1.0), (99, 0.3)]]
+        )
+        for epoch, (acc, nc1) in enumerate(curve, start=1)
+    ]
+    text = summarise(rows, ["a"], {"nc1": 0.5, "train_error": 1.0, "nc3": 0.5})
+    assert "2.5 [2, 3] (2/2)" in text  # nc1 <= 0.5 at epochs 2 and 3
+    assert "2.5 [2, 3] (2/2)" in text.splitlines()[-1]  # train error <= 1% at epochs 2 and 3
+    assert "- (0/2)" in text  # nc3 never
+    assert "50.5 +- 0.5" in text and "50, 51" in text  # final test accuracy and its range
 
 
 def test_a_diverging_run_stops_with_its_reason_and_the_others_go_on(tmp_path):
@@ -96,7 +129,7 @@ def test_a_diverging_run_stops_with_its_reason_and_the_others_go_on(tmp_path):
     with paths["csv"].open() as f:
         written = list(csv.DictReader(f))
     assert written[0]["status"] == "diverged" and "test_accuracy" not in written[0]
-    summary = _summary(rows, config.heads)
+    summary = summarise(rows, config.heads)
     assert (
         re.search(r"fixed +no run completed", summary)
         and "learned seed 1 diverged in epoch 1" in summary
