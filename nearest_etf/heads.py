@@ -58,7 +58,7 @@ __all__ = [
 ROTATIONS = ("identity", "random")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # The cross-entropy that perfectly collapsed features reach at the default temperature.
-COLLAPSED_LOSS = 1e-3
+COLLAPSED_LOSS = 1e-6
 # Tolerance of the state checks of load_state_dict (orthonormal frame, ETF Gram matrix).
 _STATE_ATOL = 1e-3
 
@@ -77,10 +77,12 @@ def default_temperature(num_classes: int, collapsed_loss: float = COLLAPSED_LOSS
 
         log(1 + (K-1) exp(-tau K/(K-1))) = eps   <=>   tau = ((K-1)/K) ln((K-1) / (e^eps - 1))
 
-    (at collapse z_y = tau and z_k = -tau/(K-1) for k != y). It grows like ln K: 8.2 for K = 10,
-    11.4 for K = 100, 13.8 for K = 1000 at eps = 1e-3. With a smaller tau the loss floor of the
-    ETF heads is high and their gradients never vanish; with a much larger one the softmax
-    saturates early. docs/heads.md gives the measurements behind eps = 1e-3.
+    (at collapse z_y = tau and z_k = -tau/(K-1) for k != y). It grows like ln K: 6.9 for K = 2,
+    14.4 for K = 10, 18.2 for K = 100, 20.7 for K = 1000 at the default eps = 1e-6. A smaller
+    tau leaves the ETF heads a high loss floor (their gradient never vanishes, the features keep
+    being pushed); a much larger one saturates the softmax early. docs/heads.md gives the
+    measurements behind eps = 1e-6 (the best of tau in {2, 5, 8.2, 15, 30} on digits and
+    MNIST-1D at K = 10).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")

@@ -1,8 +1,8 @@
 """Backbones producing features h[N, d] for the classifier heads, and backbone + head.
 
 - `MLP`: flatten, then (Linear -> BatchNorm1d -> ReLU) per hidden width; d = the last width.
-- `SmallCNN`: three (convolution -> BatchNorm -> ReLU) blocks with 32, 64, 128 channels (the
-  second with stride 2), global average pool; d = 128. 1-D ("cnn1d": signals [C, L], a vector
+- `SmallCNN`: three (convolution -> BatchNorm -> ReLU) blocks with 16, 32, 64 channels (the
+  second with stride 2), global average pool; d = 64. 1-D ("cnn1d": signals [C, L], a vector
   input [L] as one channel) or 2-D ("cnn2d": images [C, H, W], a vector input of square length
   s^2 as a one-channel s x s image, e.g. the 8x8 digits).
 - `ResNet18`: the CIFAR variant of He et al. (3x3 stem, no max-pool, stages of two basic blocks
@@ -41,11 +41,11 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """x[N, *input_shape] -> h[N, 128]: three (conv k -> BN -> ReLU) blocks with 32, 64, 128
+    """x[N, *input_shape] -> h[N, 64]: three (conv k -> BN -> ReLU) blocks with 16, 32, 64
     channels (padding k//2, the second with stride 2) and a global average pool; kernel k = 5
     in 1-D, 3 in 2-D. `input_shape` is (C, L) / (C, H, W), or (L,) / (s*s,) for one channel."""
 
-    CHANNELS = (32, 64, 128)
+    CHANNELS = (16, 32, 64)
 
     def __init__(self, input_shape: Sequence[int], dims: int) -> None:
         super().__init__()

@@ -496,12 +496,12 @@ def test_load_state_dict_rejects_bad_values_and_changes_nothing():
 
 
 def test_default_temperature_rule():
-    # tau(K) makes the cross-entropy of perfectly collapsed features equal 1e-3
+    # tau(K) makes the cross-entropy of perfectly collapsed features equal 1e-6
     for K_ in (2, 10, 100, 1000):
         tau = default_temperature(K_)
         collapsed = math.log1p((K_ - 1) * math.exp(-tau * K_ / (K_ - 1)))
-        assert collapsed == pytest.approx(1e-3, rel=1e-9)
-    assert default_temperature(10) == pytest.approx(8.2, abs=0.05)
+        assert collapsed == pytest.approx(1e-6, rel=1e-6)
+    assert default_temperature(10) == pytest.approx(14.41, abs=0.01)
     assert FixedETFHead(16, 10).temperature == default_temperature(10)
     assert ImplicitETFHead(16, 10).temperature == default_temperature(10)
     assert LearnedHead(16, 10).temperature is None

@@ -10,7 +10,7 @@ from torch import nn
 
 from nearest_etf.heads import HEADS, make_head
 
-EPOCHS, BATCH = 6, 64
+EPOCHS, BATCH = 8, 64
 
 
 @pytest.fixture(scope="module")

@@ -264,11 +264,11 @@ def test_builtin_datasets_and_errors():
 def test_backbones():
     assert ResNet18(3)(torch.randn(2, 3, 16, 16)).shape == (2, 512)
     assert make_backbone("mlp", (1, 4, 4), (8, 5))(torch.randn(3, 1, 4, 4)).shape == (3, 5)
-    assert make_backbone("cnn1d", (40,))(torch.randn(3, 40)).shape == (3, 128)
-    assert make_backbone("cnn1d", (2, 40))(torch.randn(3, 2, 40)).shape == (3, 128)
+    assert make_backbone("cnn1d", (40,))(torch.randn(3, 40)).shape == (3, 64)
+    assert make_backbone("cnn1d", (2, 40))(torch.randn(3, 2, 40)).shape == (3, 64)
     digits_cnn = make_backbone("cnn2d", (64,))  # a vector of square length: an 8x8 image
-    assert digits_cnn.input_shape == (1, 8, 8) and digits_cnn(torch.randn(3, 64)).shape == (3, 128)
-    assert make_backbone("cnn2d", (3, 8, 8))(torch.randn(3, 3, 8, 8)).shape == (3, 128)
+    assert digits_cnn.input_shape == (1, 8, 8) and digits_cnn(torch.randn(3, 64)).shape == (3, 64)
+    assert make_backbone("cnn2d", (3, 8, 8))(torch.randn(3, 3, 8, 8)).shape == (3, 64)
     with pytest.raises(ValueError, match="image data"):
         make_backbone("resnet18", (40,))
     with pytest.raises(ValueError, match="square length"):
