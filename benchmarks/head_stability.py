@@ -19,8 +19,10 @@ accuracy over the seeds and how many seeds rose or diverged.
     python benchmarks/head_stability.py --datasets digits --optimizers adam --lrs-adam 1e-3 \\
         --variant implicit-t5:implicit:temperature=5 --variant fixed-id:fixed:rotation=identity
 
-A variant is NAME:HEAD[:key=value,...] (values: numbers, none, auto or words). Results go to
---json (one record per run) and the table to stdout; runs are single-threaded.
+A variant is NAME:HEAD[:key=value,...] (values: numbers, none, true, false, words or 'quoted'
+strings, e.g. average='none'). Results go to --json (one record per run, with the epoch
+losses) and the tables to stdout (`--table FILE` reprints them from a stored --json); runs are
+single-threaded.
 """
 
 from __future__ import annotations
@@ -59,8 +61,12 @@ class Variant:
 
 
 def _value(text: str) -> object:
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        return text[1:-1]
     if text == "none":
         return None
+    if text in ("true", "false"):
+        return text == "true"
     try:
         number = float(text)
     except ValueError:

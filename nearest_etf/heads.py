@@ -521,7 +521,8 @@ class ImplicitETFHead(_ETFHead):
 
     def _logits(self, features: Tensor, targets: Tensor | None) -> tuple[Tensor, Update | None]:
         if not self.training:
-            return F.linear(features, self.weight, self.bias), None
+            W = self.weight
+            return F.linear(features, W, -(W @ self.running_mean)), None
         if targets is None:
             raise ValueError(
                 "ImplicitETFHead needs targets in training mode (it tracks the class means); "
