@@ -81,8 +81,8 @@ def default_temperature(num_classes: int, collapsed_loss: float = COLLAPSED_LOSS
     14.4 for K = 10, 18.2 for K = 100, 20.7 for K = 1000 at the default eps = 1e-6. A smaller
     tau leaves the ETF heads a high loss floor (their gradient never vanishes, the features keep
     being pushed); a much larger one saturates the softmax early. docs/heads.md gives the
-    measurements behind eps = 1e-6 (the best of tau in {2, 5, 8.2, 15, 30} on digits and
-    MNIST-1D at K = 10).
+    measurements behind eps = 1e-6 (tau(10) = 14.4, next to tau = 15, the best of
+    {None, 2, 5, 8.2, 15, 30} on digits and MNIST-1D).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")

@@ -323,6 +323,11 @@ def test_constructor_errors():
         FixedETFHead(6, 4, rotation="haar")
     with pytest.raises(ValueError, match="temperature"):
         LearnedHead(6, 4, temperature=0.0)
+    with pytest.raises(ValueError, match="'auto' or None"):
+        FixedETFHead(6, 4, temperature="hot")
+    for momentum in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="momentum"):
+            ImplicitETFHead(6, 4, momentum=momentum)
     with pytest.raises(TypeError, match="num_classes"):
         LearnedHead(6, 4.0)
     with pytest.raises(ValueError, match="head"):
