@@ -192,7 +192,7 @@ def table(records: Sequence[dict[str, object]]) -> str:
         dict.fromkeys((r["dataset"], r["variant"], r["optimizer"], r["lr"]) for r in records)
     )
     lines = [
-        f"{'dataset':<8} {'head':<14} {'optim':<5} {'lr':>7} {'test acc [%] mean [min, max]':>30} "
+        f"{'dataset':<8} {'head':<18} {'optim':<5} {'lr':>7} {'test acc [%] mean [min, max]':>30} "
         f"{'final loss':>11} {'rose/diverged':>14}"
     ]
     for dataset, variant, optimizer, lr in keys:
@@ -211,7 +211,7 @@ def table(records: Sequence[dict[str, object]]) -> str:
         rose = sum(bool(r["rose"]) for r in group)
         diverged = sum(r["status"] != "ok" for r in group)
         lines.append(
-            f"{dataset:<8} {variant:<14} {optimizer:<5} {lr:>7g} {cell:>30} {loss:>11.4f} "
+            f"{dataset:<8} {variant:<18} {optimizer:<5} {lr:>7g} {cell:>30} {loss:>11.4f} "
             f"{f'{rose}/{diverged} of {len(group)}':>14}"
         )
     return "\n".join(lines)
@@ -223,7 +223,7 @@ def overview(records: Sequence[dict[str, object]]) -> str:
     diverged."""
     keys = list(dict.fromkeys((r["dataset"], r["variant"]) for r in records))
     lines = [
-        f"{'dataset':<8} {'head':<16} {'mean acc':>9} {'worst cell':>11} {'rose/diverged':>14}"
+        f"{'dataset':<8} {'head':<18} {'mean acc':>9} {'worst cell':>11} {'rose/diverged':>14}"
     ]
     for dataset, variant in keys:
         group = [r for r in records if (r["dataset"], r["variant"]) == (dataset, variant)]
@@ -235,7 +235,7 @@ def overview(records: Sequence[dict[str, object]]) -> str:
         rose = sum(bool(r["rose"]) for r in group)
         diverged = sum(r["status"] != "ok" for r in group)
         lines.append(
-            f"{dataset:<8} {variant:<16} {mean:>9.1f} {worst:>11.1f} "
+            f"{dataset:<8} {variant:<18} {mean:>9.1f} {worst:>11.1f} "
             f"{f'{rose}/{diverged} of {len(group)}':>14}"
         )
     return "\n".join(lines)
