@@ -183,9 +183,7 @@ class _Head(nn.Module):
         classifier (W, b) acts on."""
         if self.temperature is None:
             return features
-        # F.normalize's h / max(||h||, 1e-12), with tau folded into the [N, 1] factor
-        norms = torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(1e-12)
-        return features * (self.temperature / norms)
+        return self.temperature * F.normalize(features, dim=1)
 
     def forward(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
         """Logits z[N, K] for features h[N, d] (targets[N]: labels, needed by the implicit head
