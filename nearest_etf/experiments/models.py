@@ -1,6 +1,10 @@
 """Backbones producing features h[N, d] for the classifier heads, and backbone + head.
 
 - `MLP`: flatten, then (Linear -> BatchNorm1d -> ReLU) per hidden width; d = the last width.
+- `SmallCNN`: three (convolution -> BatchNorm -> ReLU) blocks with 16, 32, 64 channels (the
+  second with stride 2), global average pool; d = 64. 1-D ("cnn1d": signals [C, L], a vector
+  input [L] as one channel) or 2-D ("cnn2d": images [C, H, W], a vector input of square length
+  s^2 as a one-channel s x s image, e.g. the 8x8 digits).
 - `ResNet18`: the CIFAR variant of He et al. (3x3 stem, no max-pool, stages of two basic blocks
   with 64/128/256/512 channels, strides 1/2/2/2, global average pool); d = 512.
 """
@@ -13,9 +17,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "MODELS", "Classifier", "ResNet18", "make_backbone"]
+__all__ = ["MLP", "MODELS", "Classifier", "ResNet18", "SmallCNN", "make_backbone"]
 
-MODELS = ("mlp", "resnet18")
+MODELS = ("mlp", "cnn1d", "cnn2d", "resnet18")
 
 
 class MLP(nn.Module):
@@ -34,6 +38,46 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
+
+
+class SmallCNN(nn.Module):
+    """x[N, *input_shape] -> h[N, 64]: three (conv k -> BN -> ReLU) blocks with 16, 32, 64
+    channels (padding k//2, the second with stride 2) and a global average pool; kernel k = 5
+    in 1-D, 3 in 2-D. `input_shape` is (C, L) / (C, H, W), or (L,) / (s*s,) for one channel."""
+
+    CHANNELS = (16, 32, 64)
+
+    def __init__(self, input_shape: Sequence[int], dims: int) -> None:
+        super().__init__()
+        if dims not in (1, 2):
+            raise ValueError(f"dims must be 1 or 2, got {dims}")
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) == 1:
+            side = math.isqrt(shape[0])
+            if dims == 2 and side * side != shape[0]:
+                raise ValueError(
+                    f"cnn2d needs images [C, H, W] or vectors of square length, got inputs of "
+                    f"shape {shape}"
+                )
+            shape = (1, shape[0]) if dims == 1 else (1, side, side)
+        if len(shape) != dims + 1:
+            raise ValueError(f"cnn{dims}d needs inputs of {dims + 1} dimensions, got {shape}")
+        self.input_shape = shape
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        norm = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+        pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
+        kernel = 5 if dims == 1 else 3
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(
+            zip((shape[0], *self.CHANNELS[:-1]), self.CHANNELS, strict=True)
+        ):
+            stride = 2 if i == 1 else 1
+            layers += [conv(c_in, c_out, kernel, stride, kernel // 2), norm(c_out), nn.ReLU()]
+        self.layers = nn.Sequential(*layers, pool, nn.Flatten())
+        self.num_features = self.CHANNELS[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x.reshape(len(x), *self.input_shape))
 
 
 class _BasicBlock(nn.Module):
@@ -83,9 +127,12 @@ class ResNet18(nn.Module):
 def make_backbone(
     name: str, input_shape: Sequence[int], widths: Sequence[int] = (256, 256)
 ) -> nn.Module:
-    """ "mlp" (any input, flattened; hidden `widths`) or "resnet18" (images [C, H, W])."""
+    """ "mlp" (any input, flattened; hidden `widths`), "cnn1d" / "cnn2d" (`SmallCNN`) or
+    "resnet18" (images [C, H, W])."""
     if name == "mlp":
         return MLP(math.prod(input_shape), widths)
+    if name in ("cnn1d", "cnn2d"):
+        return SmallCNN(input_shape, int(name[3]))
     if name == "resnet18":
         if len(input_shape) != 3:
             raise ValueError(

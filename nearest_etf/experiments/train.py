@@ -1,13 +1,19 @@
 """`nearest-etf train`: train one backbone with each classifier head on a real data set.
 
 Every (head, seed) run uses the same backbone initialisation (torch.manual_seed(seed) before
-building it), data order (a loader generator seeded with seed), optimiser and schedule, so runs
-differ only in the head. After every epoch the training-set collapse metrics
-(`nearest_etf.metrics.collapse_metrics`, on the features the head sees) and the test loss and
-accuracy are recorded. Outputs in the output directory: metrics.csv and metrics.json (config
-and one row per head, seed, epoch), comparison.png (mean over seeds, min-max band) and, for the
-MLP without a head temperature, network-<head>-seed<s>.pt per run: the trained eval-mode network
-as a `LayerStack` (BatchNorm folded into the linear layers, the head's
+building it), data order (a loader generator seeded with seed), augmentation, optimiser and
+schedule, so runs differ only in the head. Each head is built with its own defaults unless an
+option overrides them (`--temperature` for every head). After every epoch the training-set
+collapse metrics (`nearest_etf.metrics.collapse_metrics`, on the features the head sees) and
+the test loss and accuracy are recorded.
+
+A run whose training loss, or the features or logits of its head, become non-finite stops
+there (`NonFiniteError`); its last row has status "diverged", the reason in `error` and no
+metrics, and the other runs go on. Outputs in the output directory: metrics.csv and
+metrics.json (config and one row per head, seed, epoch), comparison.png (mean over seeds,
+min-max band, runs that did not diverge) and, for the MLP with a head without temperature,
+network-<head>-seed<s>.pt per run: the trained eval-mode network as a
+`LayerStack` (BatchNorm folded into the linear layers, the head's
 classifier as the last layer, the flattened training inputs as X; float64, so about
 8 * m * in_1 bytes for the inputs) for `nearest-etf bounds`; `--no-networks` skips them.
 
@@ -20,6 +26,7 @@ weights diverge stops there, keeping its rows.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,14 +47,14 @@ from nearest_etf.experiments._common.options import (
     config_from_args,
     default_out_dir,
     nonnegative_float,
-    positive_float,
     positive_int,
 )
 from nearest_etf.experiments._common.results import save_figure, write_csv
-from nearest_etf.experiments._common.runs import UserError, open_run, write_json
+from nearest_etf.experiments._common.runs import UserError, open_run, write_json, write_text
 from nearest_etf.experiments._common.training import (
     EpochLoop,
     RunSeries,
+    crop_flip,
     eval_loaders,
     evaluate,
     load_training_data,
@@ -58,13 +65,15 @@ from nearest_etf.experiments._common.training import (
 from nearest_etf.experiments.data import DataSplits, make_loader
 from nearest_etf.experiments.models import MODELS, Classifier, make_backbone
 from nearest_etf.metrics.collapse import collapse_metrics
-from nearest_etf.nn.heads import HEADS, make_head
+from nearest_etf.nn.heads import HEADS, NonFiniteError, make_head
 from nearest_etf.nn.losses import LOSSES, loss_function
 
 __all__ = [
+    "DEFAULT_THRESHOLDS",
     "TrainConfig",
     "add_parser",
     "check_config",
+    "summarise",
     "train_all",
     "train_run",
     "write_metrics",
@@ -73,6 +82,10 @@ __all__ = [
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OPTIMIZERS = ("sgd", "adam")
+# TrainConfig.temperature: "default" builds each head with its own default temperature.
+HEAD_DEFAULT = "default"
+THRESHOLD_KEYS = ("train_error", "nc1", "nc2_means", "nc2_classifier", "nc3", "ncc_mismatch")
+DEFAULT_THRESHOLDS = {"train_error": 1.0, "nc1": 0.5, "nc2_means": 0.5, "nc3": 0.3}
 PLOTTED = (
     ("train_loss", "train loss"),
     ("train_accuracy", "train accuracy [%]"),
@@ -101,9 +114,10 @@ class TrainConfig(TrainingOptions):
     momentum: float = 0.9
     loss: str = "ce"
     widths: tuple[int, ...] = (256, 256)
-    temperature: float | None = None
+    temperature: float | str | None = HEAD_DEFAULT
     delta: float = 1e-3
     average: str = "ema"
+    augment: bool = False
     save_networks: bool = True
     head_options: dict[str, dict[str, object]] = field(default_factory=dict)
 
@@ -118,7 +132,9 @@ def _optimizer(config: TrainConfig, params: Iterator[nn.Parameter]) -> torch.opt
 
 
 def _head_options(config: TrainConfig, name: str) -> dict[str, object]:
-    options: dict[str, object] = {"temperature": config.temperature}
+    options: dict[str, object] = {}
+    if config.temperature != HEAD_DEFAULT:
+        options["temperature"] = config.temperature
     if name == "implicit":
         options |= {"delta": config.delta, "average": config.average}
     return options | config.head_options.get(name, {})
@@ -156,6 +172,18 @@ def check_config(config: TrainConfig, data: DataSplits) -> None:
             raise UserError(f"--head {head} with --widths/--model: {exc}") from exc
 
 
+def _augmentation(config: TrainConfig, data: DataSplits, seed: int) -> torch.Generator | None:
+    """The generator of `crop_flip`, seeded by `seed`, when config.augment (images only)."""
+    if not config.augment:
+        return None
+    if len(data.input_shape) != 3:
+        raise UserError(
+            f"--augment (random crop + flip) needs image data [C, H, W]; {data.name} has inputs "
+            f"of shape {data.input_shape}"
+        )
+    return torch.Generator().manual_seed(seed)
+
+
 def train_run(
     data: DataSplits,
     config: TrainConfig,
@@ -164,11 +192,11 @@ def train_run(
     network_dir: Path | None = None,
     loop: EpochLoop | None = None,
 ) -> list[dict[str, object]]:
-    """Train backbone + head `head_name` with `seed`; one metrics row per epoch. With
-    `network_dir` (and an MLP without temperature) also write
-    network_dir/network-<head>-seed<seed>.pt (see the module docstring). `loop` (default: a
-    fresh one) checkpoints and resumes the run and stops it when it diverges (no network file
-    is written then)."""
+    """Train backbone + head `head_name` with `seed`; one metrics row per epoch (status "ok"),
+    and a last row with status "diverged" and the reason if the run diverged (see the module
+    docstring). With `network_dir` (an MLP and a head without temperature) also write
+    network_dir/network-<head>-seed<seed>.pt. `loop` (default: a fresh one) checkpoints and
+    resumes the run and stops it when it diverges (no network file is written then)."""
     loop = loop or EpochLoop()
     device = torch.device(config.device)
     torch.manual_seed(seed)
@@ -176,31 +204,45 @@ def train_run(
     head = model.head
     optimizer = _optimizer(config, model.parameters())
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    loss_fn = loss_function(config.loss, scale=config.temperature or 1.0)
+    loss_fn = loss_function(config.loss, scale=head.temperature or 1.0)
     train_loader = make_loader(
         data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
     )
+    augment = _augmentation(config, data, seed)
     eval_train, eval_test = eval_loaders(data)
     done = loop.start(model, optimizer, train_loader, schedule)
     rows = loop.rows
     bar = step_bar(config.epochs * len(train_loader), f"{head_name} seed {seed}", config.progress)
+    if augment is not None and "augment_generator" in loop.extra:
+        augment.set_state(loop.extra["augment_generator"])
+    transform = None if augment is None else (lambda x: crop_flip(x, augment))
     bar.update(done * len(train_loader))
     for epoch in range(done + 1, config.epochs + 1):
-        step_loss = train_epoch(
-            model, train_loader, optimizer, loss_fn, bar.update, targets_to_model=True
-        )
-        if loop.diverged(epoch, step_loss):
+        row: dict[str, object] = {"head": head_name, "seed": seed, "epoch": epoch}
+        try:
+            step_loss = train_epoch(
+                model,
+                train_loader,
+                optimizer,
+                loss_fn,
+                bar.update,
+                targets_to_model=True,
+                transform=transform,
+            )
+            if loop.diverged(epoch, step_loss):
+                break
+            schedule.step()
+            model.eval()
+            W, b = head.classifier()
+            outputs = _Outputs(model, eval_train, device)
+            metrics = collapse_metrics(outputs, W, b, data.num_classes, loss_fn=loss_fn)
+            test_loss, test_accuracy = evaluate(model, eval_test, loss_fn)
+        except NonFiniteError as error:
+            loop.record_divergence(epoch, str(error))
             break
-        schedule.step()
-        model.eval()
-        W, b = head.classifier()
-        outputs = _Outputs(model, eval_train, device)
-        metrics = collapse_metrics(outputs, W, b, data.num_classes, loss_fn=loss_fn)
-        test_loss, test_accuracy = evaluate(model, eval_test, loss_fn)
-        row: dict[str, object] = {
-            "head": head_name,
-            "seed": seed,
-            "epoch": epoch,
+        row |= {
+            "status": "ok",
+            "error": "",
             "train_loss": metrics.pop("loss"),
             "train_step_loss": step_loss,
             "train_accuracy": metrics.pop("accuracy"),
@@ -210,14 +252,24 @@ def train_run(
         }
         rows.append(row)
         bar.set_postfix(test_acc=f"{test_accuracy:.1f}", nc1=f"{metrics['nc1']:.3g}")
-        loop.end_epoch(epoch)
+        loop.end_epoch(
+            epoch, None if augment is None else {"augment_generator": augment.get_state()}
+        )
     bar.close()
+    if loop.divergence is not None:
+        epoch, reason = loop.divergence["diverged_epoch"], loop.divergence["reason"]
+        rows.append(
+            {"head": head_name, "seed": seed, "epoch": epoch, "status": "diverged"}
+            | {"error": f"epoch {epoch}: {reason}"}
+        )
+        bar.write(f"{head_name} seed {seed} diverged in epoch {epoch}: {reason}")
     if (
         loop.divergence is None
         and network_dir is not None
         and config.save_networks
         and config.model == "mlp"
-        and config.temperature is None
+        and head.temperature is None
+        and rows[-1]["status"] == "ok"
     ):
         path = network_dir / f"network-{head_name}-seed{seed}.pt"
         save_network(model, data, path, "train", config, rows[-1], "head")
@@ -243,7 +295,10 @@ def train_all(
 
 
 def _plot(rows: Sequence[dict[str, object]], heads: Sequence[str], path: Path) -> None:
-    """One panel per metric: mean over seeds vs epoch per head, min-max band."""
+    """One panel per metric: mean over seeds vs epoch per head, min-max band (runs that
+    did not diverge only)."""
+    diverged = {(r["head"], r["seed"]) for r in rows if r["status"] != "ok"}
+    rows = [r for r in rows if (r["head"], r["seed"]) not in diverged]
     cols = 4
     fig = Figure(figsize=(4 * cols, 3 * math.ceil(len(PLOTTED) / cols)))
     for i, (key, title) in enumerate(PLOTTED):
@@ -270,7 +325,7 @@ def _plot(rows: Sequence[dict[str, object]], heads: Sequence[str], path: Path) -
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
-        if i == 0:
+        if i == 0 and ax.has_data():
             ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=80)
@@ -297,23 +352,109 @@ def write_results(
     return paths
 
 
-def _summary(rows: Sequence[dict[str, object]], config: TrainConfig) -> str:
-    """Final-epoch test accuracy and NC metrics per head, mean +- std over the seeds whose run
-    reached the last epoch (diverged runs end earlier)."""
+def _value(row: dict[str, object], key: str) -> float:
+    if key == "train_error":
+        return 100.0 - float(row["train_accuracy"])  # type: ignore[arg-type]
+    return float(row[key])  # type: ignore[arg-type]
+
+
+def _cell(values: Sequence[float]) -> str:
+    array = np.asarray(values, dtype=float)
+    return f"{array.mean():.4g} +- {array.std():.2g}"
+
+
+def summarise(
+    rows: Sequence[dict[str, object]],
+    heads: Sequence[str],
+    thresholds: dict[str, float] | None = None,
+) -> str:
+    """The printed summary of a `train` run.
+
+    1. Final epoch, per head, over the runs that did not diverge: mean +- std over the seeds
+       of the test and train accuracy, NC1, NC2 (means), NC3, NCC mismatch, and the test
+       accuracy's min and max.
+    2. Per head and metric of `thresholds` (default DEFAULT_THRESHOLDS; keys: row metrics or
+       "train_error" = 100 - train accuracy, in %): the first epoch with metric <= threshold,
+       as the median over the seeds that reach it, [min, max] and how many seeds reach it.
+    3. One line per diverged run with its reason.
+    """
+    thresholds = DEFAULT_THRESHOLDS if thresholds is None else thresholds
+    diverged = {(r["head"], r["seed"]) for r in rows if r["status"] != "ok"}
+    done = [r for r in rows if (r["head"], r["seed"]) not in diverged]
+    last = max((int(r["epoch"]) for r in done), default=0)  # type: ignore[call-overload]
     keys = ("test_accuracy", "train_accuracy", "nc1", "nc2_means", "nc3", "ncc_mismatch")
-    lines = [f"{'head':<10}" + "".join(f"{k:>22}" for k in keys)]
-    for head in config.heads:
-        final = [r for r in rows if r["head"] == head and r["epoch"] == config.epochs]
+    lines = [f"final epoch ({last}), mean +- std over seeds:"]
+    lines.append(
+        f"{'head':<10}{'seeds':>6}" + "".join(f"{k:>20}" for k in keys) + "   test min, max"
+    )
+    for head in heads:
+        final = [r for r in done if r["head"] == head and r["epoch"] == last]
+        if not final:
+            lines.append(f"{head:<10} no run completed")
+            continue
+        test = [_value(r, "test_accuracy") for r in final]
+        lines.append(
+            f"{head:<10}{len(final):>6}"
+            + "".join(f"{_cell([_value(r, k) for r in final]):>20}" for k in keys)
+            + f"   {min(test):.4g}, {max(test):.4g}"
+        )
+    lines += ["", "first epoch at or below the threshold: median over seeds [min, max] (seeds)"]
+    header = "".join(f"{f'{k} <= {v:g}':>26}" for k, v in thresholds.items())
+    lines.append(f"{'head':<10}" + header)
+    for head in heads:
         cells = []
-        for key in keys:
-            values = np.array([float(r[key]) for r in final])
-            cell = f"{values.mean():>13.4g} +- {values.std():<6.2g}" if final else "diverged"
-            cells.append(f"{cell:>22}")
+        for key, limit in thresholds.items():
+            first = []
+            seeds = sorted({r["seed"] for r in done if r["head"] == head})
+            for seed in seeds:
+                mine = [r for r in done if r["head"] == head and r["seed"] == seed]
+                epochs = [int(r["epoch"]) for r in mine if _value(r, key) <= limit]  # type: ignore[call-overload]
+                if epochs:
+                    first.append(min(epochs))
+            cell = (
+                f"{np.median(first):g} [{min(first)}, {max(first)}] ({len(first)}/{len(seeds)})"
+                if first
+                else f"- (0/{len(seeds)})"
+            )
+            cells.append(f"{cell:>26}")
         lines.append(f"{head:<10}" + "".join(cells))
+    lines += [
+        f"{r['head']} seed {r['seed']} diverged in {r['error']}"
+        for r in rows
+        if r["status"] != "ok"
+    ]
     return "\n".join(lines)
 
 
+def _thresholds(text: str) -> dict[str, float]:
+    """argparse type of --thresholds: key=value,... with keys of THRESHOLD_KEYS."""
+    found = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in THRESHOLD_KEYS:
+            raise argparse.ArgumentTypeError(
+                f"unknown threshold {key!r}; choose from {', '.join(THRESHOLD_KEYS)}"
+            )
+        try:
+            found[key] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad threshold value in {item!r}") from None
+    return found
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.summarise is not None:
+        try:
+            stored = json.loads(args.summarise.read_text())
+            rows, heads = stored["rows"], stored["config"]["heads"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(
+                f"--summarise {args.summarise}: not a train metrics.json ({exc})"
+            ) from exc
+        text = summarise(rows, heads, args.thresholds)
+        write_text(args.summarise.parent / "summary.txt", text + "\n")
+        print(text)
+        return
     heads = tuple(HEADS) if args.head == "all" else (args.head,)
     config = config_from_args(TrainConfig, args, heads=heads, widths=tuple(args.widths))
     data = load_training_data(config)
@@ -323,10 +464,30 @@ def main(args: argparse.Namespace) -> None:
         runs = RunSeries(run, lambda rows: write_metrics(rows, config, run.path))
         rows = train_all(config, data, runs)
         paths = write_results(rows, config, run.path)
-    print(_summary(rows, config))
+        text = summarise(rows, config.heads, args.thresholds)
+        paths["txt"] = run.path / "summary.txt"
+        write_text(paths["txt"], text + "\n")
+    print(text)
     if runs.diverged:
         print(runs.report())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _temperature(text: str) -> float | str | None:
+    """argparse type of --temperature: a positive number, 'auto', 'none' or 'default'."""
+    if text in (HEAD_DEFAULT, "auto"):
+        return text
+    if text == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number, 'auto', 'none' or 'default', got {text!r}"
+        ) from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"the temperature must be positive, got {text}")
+    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -357,13 +518,38 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--temperature",
-        type=positive_float,
+        type=_temperature,
         default=d.temperature,
-        help="normalise the features to this norm before every head (default: off)",
+        help="feature norm tau before every head: a number, 'auto' (the ETF heads' rule "
+        "from K), 'none' (no normalisation) or 'default' (each head's own default: auto for "
+        "the ETF heads, none for the learned head)",
     )
     parser.add_argument(
         "--delta", type=nonnegative_float, default=d.delta, help="implicit head prox weight"
     )
     parser.add_argument("--average", choices=("ema", "cma", "none"), default=d.average)
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help="random crop (4-pixel zero padding) and horizontal flip of training images",
+    )
     add_run_arguments(parser, d, device_help="cpu, cuda, cuda:1, ...", threads=False, networks=True)
+    parser.add_argument(
+        "--thresholds",
+        type=_thresholds,
+        default=None,
+        help="collapse thresholds of the summary, key=value,... (keys: "
+        + ", ".join(THRESHOLD_KEYS)
+        + "; train_error in %%; default: "
+        + ",".join(f"{k}={v:g}" for k, v in DEFAULT_THRESHOLDS.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--summarise",
+        type=Path,
+        default=None,
+        metavar="METRICS_JSON",
+        help="print (and write summary.txt next to it) the summary of a stored run's "
+        "metrics.json instead of training",
+    )
     parser.set_defaults(func=main)

@@ -31,10 +31,11 @@ def _randomise_batch_norms(model: nn.Module, generator: torch.Generator) -> None
 def test_batch_norm_folding_reproduces_eval_model(head: str) -> None:
     generator = torch.Generator().manual_seed(1)
     torch.manual_seed(0)
-    model = Classifier(MLP(12, (16, 9)), make_head(head, 9, 4)).double()
+    options = {} if head == "learned" else {"temperature": None}  # a linear eval-mode head
+    model = Classifier(MLP(12, (16, 9)), make_head(head, 9, 4, **options)).double()
     _randomise_batch_norms(model, generator)
-    if head == "fixed":
-        model.head.bias.copy_(torch.randn(4, generator=generator))
+    if head != "learned":  # a non-zero eval-mode bias b = -W m
+        model.head.running_mean.copy_(torch.randn(9, generator=generator))
     model.eval()
     x = torch.randn(25, 3, 4, generator=generator, dtype=torch.float64)
     stack = layer_stack_of(model, x, torch.arange(25) % 4, {"source": "test"})

@@ -29,7 +29,11 @@ from nearest_etf.experiments.dufm import sweep as sweep_module
 from nearest_etf.experiments.layer_stack import LayerStack, load_layer_stack, save_layer_stack
 from nearest_etf.experiments.ufm import study as study_module
 
-TRAIN = "train --dataset gaussian --train-subset 256 --batch-size 64 --widths 16 --no-progress"
+# heads without temperature, so that every run writes its network file
+TRAIN = (
+    "train --dataset gaussian --train-subset 256 --batch-size 64 --widths 16 --temperature none "
+    "--no-progress"
+)
 SWEEP = "dufm sweep --layers 2 --classes 3 --width 4 --steps 40 --executor serial --no-progress"
 UFM = (
     "ufm --classes 3 --dim 4 --per-class 2 --steps 6 --seeds 2 --lr 1 --lr-grid 1,3 "
@@ -283,12 +287,14 @@ def test_train_keeps_finished_runs_when_a_later_one_diverges(
     code, stdout, _ = cli(f"{TRAIN} --epochs 2 --seeds 1 --out {out}", capsys)
     assert code == 0
     rows = csv_rows(out / "metrics.csv")
-    assert [(r["head"], r["epoch"]) for r in rows] == [
-        ("learned", "1"),
-        ("learned", "2"),
-        ("implicit", "1"),
-        ("implicit", "2"),
+    assert [(r["head"], r["epoch"], r["status"]) for r in rows] == [
+        ("learned", "1", "ok"),
+        ("learned", "2", "ok"),
+        ("fixed", "1", "diverged"),
+        ("implicit", "1", "ok"),
+        ("implicit", "2", "ok"),
     ]
+    assert rows[2]["error"] == "epoch 1: loss is nan"
     assert manifest(out)["runs"] == {
         "learned-seed0": "finished",
         "fixed-seed0": "diverged",

@@ -4,16 +4,25 @@ import json
 import math
 import pickle
 import random
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from nearest_etf.experiments._common.training import crop_flip, train_epoch
 from nearest_etf.experiments.cli import main as cli_main
 from nearest_etf.experiments.data import DataSplits, load_dataset, load_mnist1d, read_idx
 from nearest_etf.experiments.models import MLP, ResNet18, make_backbone
-from nearest_etf.experiments.train import TrainConfig, train_run
+from nearest_etf.experiments.train import (
+    TrainConfig,
+    summarise,
+    train_all,
+    train_run,
+    write_results,
+)
 from nearest_etf.nn.heads import ImplicitETFHead
 from nearest_etf.nn.losses import dot_regression_loss, loss_function, mse_one_hot_loss
 
@@ -60,10 +69,148 @@ def test_train_command_writes_csv_json_png(tmp_path, capsys):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["config"]["epochs"] == 2 and len(saved["rows"]) == 12
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in out.glob("network-*.pt"))[0] == "network-fixed-seed0.pt"
+    assert {r["status"] for r in rows} == {"ok"}
+    # networks only for heads without temperature (normalisation is not a linear layer): by
+    # default the learned head; with --temperature none every head
+    networks = sorted(p.name for p in out.glob("network-*.pt"))
+    assert networks == ["network-learned-seed0.pt", "network-learned-seed1.pt"]
+    linear = tmp_path / "linear"
+    cli_main([*args.split(), str(linear), "--no-progress", "--seeds", "1", "--temperature", "none"])
+    assert len(list(linear.glob("network-*-seed0.pt"))) == 3
+    assert json.loads((linear / "metrics.json").read_text())["config"]["temperature"] is None
     quiet = tmp_path / "no-networks"
     cli_main([*args.split(), str(quiet), "--no-progress", "--no-networks", "--seeds", "1"])
     assert (quiet / "metrics.csv").exists() and not list(quiet.glob("network-*.pt"))
+    # the summary of a stored run, with other thresholds
+    summary = (out / "summary.txt").read_text()
+    assert "first epoch at or below the threshold" in summary
+    capsys.readouterr()
+    cli_main(["train", "--summarise", str(out / "metrics.json"), "--thresholds", "nc1=1e9"])
+    printed = capsys.readouterr().out
+    assert "nc1 <= 1e+09" in printed and "1 [1, 1] (2/2)" in printed
+
+
+def test_summary_gives_final_values_and_threshold_epochs():
+    rows = [
+        {
+            "head": "a",
+            "seed": seed,
+            "epoch": epoch,
+            "status": "ok",
+            "train_accuracy": acc,
+            "test_accuracy": 50.0 + seed,
+            "nc1": nc1,
+            "nc2_means": 1.0,
+            "nc3": 1.0,
+            "ncc_mismatch": 0.0,
+        }
+        for seed, curve in enumerate(
+            [[(90, 1.0), (99.5, 0.4), (100, 0.2)], [(80, 1.0), (95, 1.0), (99, 0.3)]]
+        )
+        for epoch, (acc, nc1) in enumerate(curve, start=1)
+    ]
+    text = summarise(rows, ["a"], {"nc1": 0.5, "train_error": 1.0, "nc3": 0.5})
+    assert "2.5 [2, 3] (2/2)" in text  # nc1 <= 0.5 at epochs 2 and 3
+    assert "2.5 [2, 3] (2/2)" in text.splitlines()[-1]  # train error <= 1% at epochs 2 and 3
+    assert "- (0/2)" in text  # nc3 never
+    assert "50.5 +- 0.5" in text and "50, 51" in text  # final test accuracy and its range
+
+
+def test_a_diverging_run_stops_with_its_reason_and_the_others_go_on(tmp_path):
+    # a NaN input sample: every run meets it in its first epoch, at the step that draws it
+    data = load_dataset("gaussian").subset(200, 50)
+    x_train = data.x_train.clone()
+    x_train[7] = math.nan
+    data = DataSplits("gaussian", x_train, data.y_train, data.x_test, data.y_test, 10)
+    config = TrainConfig(epochs=2, seeds=2, widths=(16,), batch_size=32, heads=("fixed", "learned"))
+    config = replace(config, progress=False, save_networks=False)
+    rows = train_all(config, data)
+    assert [(r["head"], r["seed"], r["epoch"], r["status"]) for r in rows] == [
+        (head, seed, 1, "diverged") for seed in (0, 1) for head in ("fixed", "learned")
+    ]
+    assert all(
+        re.search(r"epoch 1: \w+Head, training step \d+: features", r["error"]) for r in rows
+    )
+    paths = write_results(rows, config, tmp_path)
+    with paths["csv"].open() as f:
+        written = list(csv.DictReader(f))
+    assert written[0]["status"] == "diverged" and "test_accuracy" not in written[0]
+    summary = summarise(rows, config.heads)
+    assert (
+        re.search(r"fixed +no run completed", summary)
+        and "learned seed 1 diverged in epoch 1" in summary
+    )
+
+
+def test_train_epoch_stops_on_a_non_finite_loss():
+    model = nn.Linear(4, 3)
+    loader = [(torch.randn(5, 4), torch.arange(5) % 3)] * 3
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+
+    def loss_fn(logits, y):
+        calls.append(1)
+        loss = nn.functional.cross_entropy(logits, y)
+        return loss * math.inf if len(calls) == 2 else loss
+
+    before = model.weight.detach().clone()
+    # the pass ends at the diverged step, before its update, and returns that loss
+    assert train_epoch(model, loader, optimizer, loss_fn) == math.inf
+    assert len(calls) == 2
+    assert bool(torch.isfinite(model.weight).all()) and not torch.equal(model.weight, before)
+
+
+def _write_cifar(folder, sizes, seed=0):
+    """CIFAR-10 python batches: dicts {b"data": uint8 [n, 3072], b"labels": list} pickled."""
+    folder.mkdir(parents=True)
+    g = np.random.default_rng(seed)
+    batches = {}
+    for name, n in sizes.items():
+        labels = g.permutation(np.arange(n) % 10)  # every class present (n >= 10)
+        batches[name] = (g.integers(0, 256, (n, 3072), dtype=np.uint8), labels)
+        with (folder / name).open("wb") as f:
+            pickle.dump({b"data": batches[name][0], b"labels": list(batches[name][1])}, f)
+    return batches
+
+
+def test_cifar10_directory_trains_resnet18_with_augmentation(tmp_path):
+    # the GPU user's route, one epoch on a small generated CIFAR-10-format directory
+    _write_cifar(
+        tmp_path / "cifar-10-batches-py", {"data_batch_1": 24, "data_batch_2": 24, "test_batch": 10}
+    )
+    out = tmp_path / "run"
+    args = (
+        f"train --dataset {tmp_path} --model resnet18 --augment --head implicit --epochs 1 "
+        f"--seeds 1 --batch-size 16 --train-subset 32 --out {out} --no-progress"
+    )
+    cli_main(args.split())
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["config"]["augment"] is True and saved["config"]["model"] == "resnet18"
+    (row,) = saved["rows"]
+    assert row["status"] == "ok" and math.isfinite(row["train_loss"]) and math.isfinite(row["nc1"])
+
+
+def test_augmentation_is_a_padded_random_crop_and_flip():
+    x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).reshape(2, 3, 5, 6) + 1
+    out = crop_flip(x, torch.Generator().manual_seed(0), padding=2)
+    assert out.shape == x.shape
+    padded = nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        candidates = [
+            crop
+            for r in range(5)
+            for c in range(5)
+            for crop in (padded[i, :, r : r + 5, c : c + 6],)
+            for crop in (crop, crop.flip(-1))
+        ]
+        assert any(torch.equal(out[i], crop) for crop in candidates)
+    flips = crop_flip(x[:1].expand(200, 3, 5, 6), torch.Generator().manual_seed(1), padding=0)
+    flipped = (flips != x[0]).flatten(1).any(1).float().mean()
+    assert 0.35 < float(flipped) < 0.65
+    with pytest.raises(ValueError, match="images"):
+        crop_flip(x[0], torch.Generator())
+    with pytest.raises(ValueError, match="--augment"):
+        train_run(load_mnist1d(num_samples=200), TrainConfig(augment=True), "learned", 0)
 
 
 def _write_idx(path, array: np.ndarray, type_code: int) -> None:
@@ -93,15 +240,8 @@ def test_idx_directory_is_read(tmp_path):
 
 
 def test_cifar_batches_are_read(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    g = np.random.default_rng(1)
-    batches = {}
-    for name in ("data_batch_1", "data_batch_2", "test_batch"):
-        labels = g.permutation(np.arange(6) + (5 if name == "data_batch_2" else 0)) % 10
-        batches[name] = (g.integers(0, 256, (6, 3072), dtype=np.uint8), labels)
-        with (folder / name).open("wb") as f:
-            pickle.dump({b"data": batches[name][0], b"labels": list(batches[name][1])}, f)
+    sizes = {"data_batch_1": 6, "data_batch_2": 6, "test_batch": 6}
+    batches = _write_cifar(tmp_path / "cifar-10-batches-py", sizes, seed=1)
     data = load_dataset(str(tmp_path))
     assert data.x_train.shape == (12, 3, 32, 32) and data.x_test.shape == (6, 3, 32, 32)
     np.testing.assert_array_equal(data.y_test.numpy(), batches["test_batch"][1])
@@ -131,8 +271,15 @@ def test_builtin_datasets_and_errors():
 def test_backbones():
     assert ResNet18(3)(torch.randn(2, 3, 16, 16)).shape == (2, 512)
     assert make_backbone("mlp", (1, 4, 4), (8, 5))(torch.randn(3, 1, 4, 4)).shape == (3, 5)
+    assert make_backbone("cnn1d", (40,))(torch.randn(3, 40)).shape == (3, 64)
+    assert make_backbone("cnn1d", (2, 40))(torch.randn(3, 2, 40)).shape == (3, 64)
+    digits_cnn = make_backbone("cnn2d", (64,))  # a vector of square length: an 8x8 image
+    assert digits_cnn.input_shape == (1, 8, 8) and digits_cnn(torch.randn(3, 64)).shape == (3, 64)
+    assert make_backbone("cnn2d", (3, 8, 8))(torch.randn(3, 3, 8, 8)).shape == (3, 64)
     with pytest.raises(ValueError, match="image data"):
         make_backbone("resnet18", (40,))
+    with pytest.raises(ValueError, match="square length"):
+        make_backbone("cnn2d", (40,))
 
 
 def test_losses_match_their_formulas():

@@ -86,6 +86,8 @@ def test_heads_are_the_projects_heads_with_the_shared_normalisation() -> None:
     assert implicit.delta == 0.01
     for head in (learned, fixed, implicit, none):
         assert head.temperature == 2.0
+    for head in (fixed, implicit, none):  # full batch: the eval bias is the last step's
+        assert head.momentum == 1.0
     # the fixed head's frame is the Haar-random one of the seed
     U = random_stiefel(5, 3, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(fixed.weight, (U @ simplex_etf(3)).T)

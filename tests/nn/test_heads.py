@@ -5,10 +5,19 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.autograd.gradcheck import GradcheckError
 
 from nearest_etf.etf import etf_classifier, random_stiefel, simplex_etf
+from nearest_etf.experiments.models import Classifier
 from nearest_etf.nearest import nearest_etf
-from nearest_etf.nn.heads import FixedETFHead, ImplicitETFHead, LearnedHead, make_head
+from nearest_etf.nn.heads import (
+    FixedETFHead,
+    ImplicitETFHead,
+    LearnedHead,
+    NonFiniteError,
+    default_temperature,
+    make_head,
+)
 
 F64 = torch.float64
 D, K = 6, 4
@@ -22,18 +31,22 @@ def _batch(N: int = 12, d: int = D, seed: int = 0, dtype=F64):
 
 
 def _heads(dtype=F64):
+    torch.manual_seed(0)  # the learned heads' initialisation
     return [
         LearnedHead(D, K).to(dtype),
         LearnedHead(D, K, bias=False, normalize_rows=True, temperature=2.0).to(dtype),
         FixedETFHead(D, K).to(dtype),
-        FixedETFHead(D, K, rotation="random", seed=3, temperature=1.5).to(dtype),
+        FixedETFHead(D, K, rotation="identity", temperature=None, momentum=None).to(dtype),
         ImplicitETFHead(D, K).to(dtype),
-        ImplicitETFHead(D, K, average="cma", temperature=3.0).to(dtype),
-        ImplicitETFHead(D, K, average="none").to(dtype),
+        ImplicitETFHead(D, K, average="cma", temperature=3.0, momentum=0.5).to(dtype),
+        ImplicitETFHead(D, K, average="none", temperature=None).to(dtype),
     ]
 
 
-@pytest.mark.parametrize("index", range(7))
+N_HEADS = len(_heads())
+
+
+@pytest.mark.parametrize("index", range(N_HEADS))
 def test_common_module_behaviour(index):
     head = _heads()[index]
     x, y = _batch()
@@ -55,7 +68,7 @@ def test_common_module_behaviour(index):
     assert head.to(torch.float32)(x.float()).dtype == torch.float32
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(N_HEADS))
 @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
 def test_low_precision_features_are_cast_up(index: int, low: torch.dtype) -> None:
     # As from a backbone under torch.autocast: the head computes in float32, the gradient
@@ -71,7 +84,7 @@ def test_low_precision_features_are_cast_up(index: int, low: torch.dtype) -> Non
     assert x_low.grad is not None and x_low.grad.dtype == low
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(N_HEADS))
 def test_heads_train_under_autocast(index: int) -> None:
     # the backbone runs in bfloat16; the head (SVD, custom backward included) in float32
     torch.manual_seed(0)
@@ -92,24 +105,27 @@ def test_heads_train_under_autocast(index: int) -> None:
 
 
 def test_fixed_head_is_the_simplex_etf_and_frozen():
-    head = FixedETFHead(D, K)
-    torch.testing.assert_close(head.weight, etf_classifier(torch.eye(D, K)))
+    head = FixedETFHead(D, K)  # default: Haar-random rotation from seed 0
+    R = random_stiefel(D, K, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(head.weight, etf_classifier(R))
     M = simplex_etf(K)
     torch.testing.assert_close(head.weight @ head.weight.T, M.T @ M)  # unit rows, cos -1/(K-1)
-    random = FixedETFHead(D, K, rotation="random", seed=7)
-    R = random_stiefel(D, K, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(random.weight, etf_classifier(R))
-    assert not torch.allclose(random.weight, FixedETFHead(D, K, rotation="random", seed=8).weight)
+    assert not torch.allclose(head.weight, FixedETFHead(D, K, seed=8).weight)
+    identity = FixedETFHead(D, K, rotation="identity")
+    torch.testing.assert_close(identity.weight, etf_classifier(torch.eye(D, K)))
     assert list(head.parameters()) == []
+
+
+def test_fixed_head_gradient_flows_through_the_batch_mean():
+    # z_i = W (h_i - mu_G): dL/dh_i = (G_i - mean_j G_j) W, the mean term from mu_G
+    head = FixedETFHead(D, K, temperature=None)
     x, _ = _batch(dtype=torch.float32)
     x.requires_grad_(True)
     logits = head(x)
     torch.testing.assert_close(logits, (x - x.mean(0)) @ head.weight.T)
-    torch.testing.assert_close(head.bias, -head.weight @ x.detach().mean(0))
     G = torch.randn_like(logits)
     (logits * G).sum().backward()
-    # b = -W mu_G carries no gradient: dL/dx = G W only (with it, G W - mean(G) W per row)
-    torch.testing.assert_close(x.grad, G @ head.weight)
+    torch.testing.assert_close(x.grad, (G - G.mean(0)) @ head.weight)
 
 
 def test_learned_head_row_normalisation():
@@ -135,7 +151,7 @@ def test_learned_head_row_normalisation():
 
 
 def test_implicit_head_solves_nearest_etf_with_prox():
-    head = ImplicitETFHead(D, K, delta=0.1).to(F64)
+    head = ImplicitETFHead(D, K, delta=0.1, temperature=None).to(F64)
     batches = [_batch(seed=s) for s in range(3)]
     x0, y0 = batches[0]
     head(x0, y0)
@@ -149,30 +165,84 @@ def test_implicit_head_solves_nearest_etf_with_prox():
     torch.testing.assert_close(head.frame, U)
     W = etf_classifier(U)
     torch.testing.assert_close(head.weight, W)
-    torch.testing.assert_close(head.bias, -W @ x1.mean(0))
-    torch.testing.assert_close(logits, x1 @ W.T + head.bias)
+    torch.testing.assert_close(logits, (x1 - x1.mean(0)) @ W.T)
+    # running mean: the first step sets it, then m <- 0.9 m + 0.1 mu_G (momentum 0.1)
+    running = 0.9 * x0.mean(0) + 0.1 * x1.mean(0)
+    torch.testing.assert_close(head.running_mean, running)
+    torch.testing.assert_close(head.bias, -W @ running)
     assert int(head.num_steps) == 2
-    # eval mode reuses W, b and does not touch the state
+    # eval mode uses W and b = -W m and does not touch the state
     state = copy.deepcopy(head.state_dict())
     head.eval()
     x2, _ = batches[2]
-    torch.testing.assert_close(head(x2), x2 @ W.T + head.bias)
+    torch.testing.assert_close(head(x2), (x2 - running) @ W.T)
     assert all(torch.equal(v, state[k]) for k, v in head.state_dict().items())
 
 
-def test_implicit_head_gradient_matches_finite_differences():
-    # The full derivative, direct path + tracker means + nearest-ETF node, by float64 gradcheck.
-    # b = -W mu_G carries no gradient through mu_G (as for FixedETFHead), so the features are
-    # parametrised as x = z - mean(z) + m: every perturbation of z keeps mu_G = m.
-    head = ImplicitETFHead(D, K, delta=0.2).to(F64)
-    head(*_batch(seed=1))
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None])
+def test_running_mean_follows_batch_norm_convention(momentum):
+    head = FixedETFHead(D, K, momentum=momentum).to(F64)
+    means = []
+    for seed in range(4):
+        x, y = _batch(seed=seed)
+        head(x, y)
+        means.append(head.scale_features(x).mean(0))
+    expected = means[0]
+    for t, mean in enumerate(means[1:], start=2):
+        rate = 1 / t if momentum is None else momentum
+        expected = (1 - rate) * expected + rate * mean
+    torch.testing.assert_close(head.running_mean, expected)
+    assert "running_mean" in head.state_dict() and int(head.num_steps) == 4
+
+
+def _gradcheck_heads():
+    """name -> head in its state before the checked step; float64, small sizes."""
+    torch.manual_seed(0)
+    heads = {
+        "learned": LearnedHead(D, K),
+        "learned-normalised": LearnedHead(D, K, normalize_rows=True, temperature=2.0),
+        "fixed": FixedETFHead(D, K),
+        "fixed-unnormalised": FixedETFHead(D, K, temperature=None),
+        "implicit-first-step": ImplicitETFHead(D, K),
+        "implicit": ImplicitETFHead(D, K, delta=0.2),
+        "implicit-unnormalised": ImplicitETFHead(D, K, temperature=None),
+        "implicit-cma": ImplicitETFHead(D, K, average="cma"),
+        "implicit-none": ImplicitETFHead(D, K, average="none"),
+    }  # (detach_frame=True is an ablation whose backward deliberately drops the path via U)
+    for name, head in heads.items():
+        head.to(F64)
+        if name.startswith("implicit") and name != "implicit-first-step":
+            for seed in (3, 4):  # earlier steps: tracked means and a prox
+                head(*_batch(seed=seed))
+    return heads
+
+
+@pytest.mark.parametrize("name", list(_gradcheck_heads()))
+def test_training_forward_gradient_matches_finite_differences(name):
+    # The whole training forward h -> logits (normalisation, mu_G, tracker, nearest-ETF node)
+    # against finite differences; every call runs on a fresh copy, as a step changes the state.
+    head = _gradcheck_heads()[name]
     x, y = _batch(seed=2)
-    m = x.mean(0)
 
-    def fn(z):
-        return copy.deepcopy(head)(z - z.mean(0) + m, y)
+    def step(features):
+        return copy.deepcopy(head)(features, y)
 
-    assert torch.autograd.gradcheck(fn, (x.clone().requires_grad_(True),))
+    assert torch.autograd.gradcheck(step, (x.clone().requires_grad_(True),))
+
+
+def test_gradcheck_catches_a_detached_batch_mean():
+    # the test above can fail: the head's function with mu_G treated as a constant in the
+    # backward is not differentiated correctly, and gradcheck sees it
+    head = FixedETFHead(D, K).to(F64)
+    x, _ = _batch()
+
+    def detached(features):
+        f = head.scale_features(features)
+        return f @ head.weight.T - head.weight @ f.detach().mean(0)
+
+    torch.testing.assert_close(detached(x), head(x))
+    with pytest.raises(GradcheckError):
+        torch.autograd.gradcheck(detached, (x.clone().requires_grad_(True),))
 
 
 def test_implicit_head_general_path_agrees_with_the_closed_form_path():
@@ -208,7 +278,7 @@ def test_implicit_head_declarative_path_changes_the_backbone_gradient():
     assert (grads[0] - grads[1]).norm() > 1e-4 * grads[0].norm()
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(N_HEADS))
 def test_bad_input_is_rejected_with_state_unchanged(index):
     head = _heads()[index]
     x, y = _batch()
@@ -253,6 +323,11 @@ def test_constructor_errors():
         FixedETFHead(6, 4, rotation="haar")
     with pytest.raises(ValueError, match="temperature"):
         LearnedHead(6, 4, temperature=0.0)
+    with pytest.raises(ValueError, match="'auto' or None"):
+        FixedETFHead(6, 4, temperature="hot")
+    for momentum in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="momentum"):
+            ImplicitETFHead(6, 4, momentum=momentum)
     with pytest.raises(TypeError, match="num_classes"):
         LearnedHead(6, 4.0)
     with pytest.raises(ValueError, match="head"):
@@ -304,3 +379,137 @@ def test_checkpoint_resumes_bit_exactly(average):
     assert int(resumed.head.num_steps) == 8
     for (name, a), b in zip(net.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("index", range(N_HEADS))
+def test_training_mode_without_grad_changes_no_state(index):
+    # a validation pass that forgets .eval(): training-mode logits, nothing moves
+    head = _heads()[index]
+    x, y = _batch()
+    head(x, y)
+    x2, y2 = _batch(seed=5)
+    before = copy.deepcopy(head.state_dict())
+    expected = copy.deepcopy(head)(x2, y2)  # the training step's logits
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            logits = head(x2, y2)
+        torch.testing.assert_close(logits, expected.detach())
+        after = head.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_learned_head_without_grad_does_not_project_the_rows():
+    head = LearnedHead(D, K, normalize_rows=True).to(F64)
+    x, y = _batch()
+    with torch.no_grad():
+        head.weight.mul_(3.0)
+        scaled = head.weight.clone()
+        logits = head(x, y)
+    assert torch.equal(head.weight, scaled)  # not projected in place
+    W = nn.functional.normalize(scaled, dim=1)
+    torch.testing.assert_close(logits, x @ W.T + head.bias)
+    head(x, y)  # a training step projects
+    torch.testing.assert_close(head.weight, W)
+
+
+@pytest.mark.parametrize("index", range(N_HEADS))
+def test_non_finite_features_name_the_step(index):
+    head = _heads()[index]
+    x, y = _batch()
+    for _ in range(2):
+        head(x, y)
+    before = copy.deepcopy(head.state_dict())
+    with pytest.raises(NonFiniteError, match=r"training step 3: features have non-finite"):
+        head(torch.where(x > 1, float("nan"), x), y)
+    head.eval()
+    with pytest.raises(NonFiniteError, match=r"\(eval mode\): features have non-finite"):
+        head(torch.where(x > 1, float("inf"), x))
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in before.items())
+
+
+def test_non_finite_classifier_is_reported_with_the_step():
+    head = LearnedHead(D, K).to(F64)
+    x, y = _batch()
+    head(x, y)
+    with torch.no_grad():
+        head.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="training step 2: non-finite logits"):
+        head(x, y)
+    assert int(head.num_steps) == 1
+
+
+def _trained(head, steps=2):
+    for seed in range(steps):
+        head(*_batch(seed=seed))
+    return head
+
+
+@pytest.mark.parametrize("name", ["learned", "fixed", "implicit"])
+def test_load_state_dict_of_another_size_changes_nothing(name):
+    head = _trained(make_head(name, D, K).to(F64))
+    before = copy.deepcopy(head.state_dict())
+    other = _trained(make_head(name, D, K + 1).to(F64), steps=3).state_dict()
+    with pytest.raises(RuntimeError, match="nothing was loaded"):
+        head.load_state_dict(other)
+    # through a parent module (the usual model.load_state_dict) as well
+    parent = Classifier(nn.Identity(), head)
+    with pytest.raises(RuntimeError, match="nothing was loaded"):
+        parent.load_state_dict({f"head.{k}": v for k, v in other.items()})
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in before.items())
+
+
+def test_load_state_dict_rejects_bad_values_and_changes_nothing():
+    implicit = _trained(ImplicitETFHead(D, K).to(F64))
+    fixed = _trained(FixedETFHead(D, K).to(F64))
+    learned = _trained(LearnedHead(D, K).to(F64))
+    good = {h: copy.deepcopy(h.state_dict()) for h in (implicit, fixed, learned)}
+    fresh = _trained(ImplicitETFHead(D, K).to(F64), steps=5).state_dict()
+
+    def bad(head, key, value):
+        return {**good[head], key: value} if key in good[head] else None
+
+    frame = fresh["frame"].clone()
+    frame[:, 0] *= 2
+    cases = [
+        (
+            implicit,
+            {**fresh, "tracker.means": torch.full_like(fresh["tracker.means"], math.nan)},
+            "tracker.means has non-finite",
+        ),
+        (implicit, {**fresh, "frame": frame}, "orthonormal"),
+        (implicit, {**fresh, "running_mean": fresh["running_mean"] + math.inf}, "running_mean"),
+        (implicit, {**fresh, "num_steps": torch.tensor(-1)}, "num_steps"),
+        (
+            implicit,
+            {**fresh, "tracker.appearances": -fresh["tracker.appearances"] - 1},
+            "appearances",
+        ),
+        (fixed, bad(fixed, "weight", torch.randn(K, D, dtype=F64)), "simplex-ETF"),
+        (learned, bad(learned, "bias", torch.tensor([0.0, math.nan, 0.0, 0.0])), "bias"),
+    ]
+    for head, state, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            head.load_state_dict(state)
+    # strict: a missing key is rejected before anything is copied; non-strict loads the rest
+    partial = {k: v for k, v in fresh.items() if k != "num_steps"}
+    with pytest.raises(RuntimeError, match="missing keys"):
+        implicit.load_state_dict(partial)
+    for head in good:
+        assert all(torch.equal(head.state_dict()[k], v) for k, v in good[head].items())
+    implicit.load_state_dict(partial, strict=False)
+    assert torch.equal(implicit.frame, fresh["frame"]) and int(implicit.num_steps) == 2
+
+
+def test_default_temperature_rule():
+    # tau(K) makes the cross-entropy of perfectly collapsed features equal 1e-6
+    for K_ in (2, 10, 100, 1000):
+        tau = default_temperature(K_)
+        collapsed = math.log1p((K_ - 1) * math.exp(-tau * K_ / (K_ - 1)))
+        assert collapsed == pytest.approx(1e-6, rel=1e-6)
+    assert default_temperature(10) == pytest.approx(14.41, abs=0.01)
+    assert FixedETFHead(16, 10).temperature == default_temperature(10)
+    assert ImplicitETFHead(16, 10).temperature == default_temperature(10)
+    assert LearnedHead(16, 10).temperature is None
+    assert LearnedHead(16, 10, temperature="auto").temperature == default_temperature(10)
+    with pytest.raises(ValueError, match="collapsed_loss"):
+        default_temperature(10, collapsed_loss=3.0)

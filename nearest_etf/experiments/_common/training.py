@@ -34,12 +34,14 @@ from nearest_etf.experiments._common.runs import (
 )
 from nearest_etf.experiments.data import DataSplits, load_dataset, make_loader
 from nearest_etf.experiments.layer_stack import layer_stack_of, save_layer_stack
+from nearest_etf.nn.heads import NonFiniteError
 
 __all__ = [
     "EVAL_BATCH_SIZE",
     "EpochLoop",
     "RunSeries",
     "check_device",
+    "crop_flip",
     "eval_loaders",
     "evaluate",
     "load_training_data",
@@ -61,9 +63,13 @@ def train_epoch(
     on_step: Callable[[], None] | None = None,
     *,
     targets_to_model: bool = False,
+    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> float:
     """One pass over `loader` in train mode, one optimiser step per batch; the mean step loss.
-    With `targets_to_model` the model is called as model(x, y) (heads that track class means).
+    With `targets_to_model` the model is called as model(x, y) (heads that track class means);
+    `transform` (e.g. `crop_flip`) is applied to each input batch on the model's device.
+    A head's `NonFiniteError` (non-finite features or logits) propagates: the caller records
+    the divergence with the error's message.
 
     A step whose loss diverges (`runs.divergence`: non-finite or beyond the bound), or whose
     forward pass fails on non-finite parameters, ends the pass before its update: the return
@@ -73,9 +79,13 @@ def train_epoch(
     total = 0.0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
+        if transform is not None:
+            x = transform(x)
         optimizer.zero_grad(set_to_none=True)
         try:
             loss = loss_fn(model(x, y) if targets_to_model else model(x), y)
+        except NonFiniteError:
+            raise
         except ValueError:  # e.g. the nearest-ETF solve refusing non-finite class means
             if divergence(0.0, model.parameters()) is None:
                 raise
@@ -89,6 +99,24 @@ def train_epoch(
         if on_step is not None:
             on_step()
     return total / len(loader)
+
+
+def crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
+    """The standard CIFAR augmentation of an image batch x[N, C, H, W]: each image zero-padded
+    by `padding` pixels on every side, cropped back to H x W at a uniformly random offset and
+    flipped left-right with probability 1/2 (random numbers from the CPU `generator`)."""
+    if x.ndim != 4:
+        raise ValueError(f"crop_flip needs images [N, C, H, W], got shape {tuple(x.shape)}")
+    N, C, H, W = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    offsets = torch.randint(0, 2 * padding + 1, (2, N), generator=generator).to(x.device)
+    rows = (offsets[0, :, None] + torch.arange(H, device=x.device))[:, None, :, None]
+    cols = (offsets[1, :, None] + torch.arange(W, device=x.device))[:, None, None, :]
+    batch = torch.arange(N, device=x.device)[:, None, None, None]
+    channel = torch.arange(C, device=x.device)[None, :, None, None]
+    cropped = padded[batch, channel, rows, cols]
+    flip = (torch.rand(N, generator=generator) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(flip, cropped.flip(-1), cropped)
 
 
 def evaluate(

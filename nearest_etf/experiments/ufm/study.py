@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from nearest_etf import metrics
 from nearest_etf.experiments._common.parallel import map_unordered
 from nearest_etf.experiments._common.runs import divergence
-from nearest_etf.nn.heads import make_head
+from nearest_etf.nn.heads import NonFiniteError, make_head
 
 __all__ = [
     "METHODS",
@@ -165,6 +165,10 @@ def ufm_head(method: str, config: UFMConfig, seed: int) -> nn.Module:
     the config's feature normalisation, initialised from ``seed``."""
     _check_method(method)
     options: dict = {"temperature": config.feature_norm}
+    if method != "learned":
+        # full batch: every batch mean is the data's mean, so the eval bias b = -W m takes the
+        # last step's (momentum 1) and the recorded metrics use the classifier of the step
+        options["momentum"] = 1.0
     if method == "fixed":
         options |= {"rotation": "random", "seed": seed}
     elif method.startswith("implicit"):
@@ -264,7 +268,8 @@ def run_ufm(config: UFMConfig, method: str, lr: float, seed: int, progress: bool
 
     Deterministic for a given (config, method, lr, seed) on a given machine and thread count.
     Stops early with ``diverged=True`` (and the step and reason) when the loss or a parameter
-    becomes non-finite or exceeds the divergence bound (`runs.divergence`).
+    becomes non-finite or exceeds the divergence bound (`runs.divergence`), or the head meets
+    non-finite features or logits (`NonFiniteError`).
     """
     _check_method(method)
     _check_lr(lr)
@@ -283,7 +288,11 @@ def run_ufm(config: UFMConfig, method: str, lr: float, seed: int, progress: bool
     record = set(config.record_steps())
     for step in range(config.steps + 1):
         optimizer.zero_grad(set_to_none=True)
-        F, logits = model()
+        try:
+            F, logits = model()
+        except NonFiniteError:  # the head met non-finite features or produced such logits
+            run.diverged = True
+            break
         loss = nn.functional.cross_entropy(logits, model.labels)
         reason = divergence(float(loss.detach()), model.parameters())
         if reason is not None:
