@@ -5,28 +5,21 @@ Per training batch with features h_i (rows) and labels y_i:
     n_k = #{i : y_i = k},  mu_k = (1/n_k) sum_{y_i = k} h_i,  mu_G = (1/N) sum_i h_i
 
 (sums and counts all-reduced over the ranks when torch.distributed is initialised, so every rank
-sees the statistics of the union of the ranks' batches). With P the classes present in the batch,
-each batch's centred means enter in units of their root-mean-square norm
+sees the statistics of the union of the ranks' batches). The tracked centred class means are
 
-    D_k = (mu_k - mu_G) / r,   r = sqrt((1/|P|) sum_{k in P} ||mu_k - mu_G||^2)
-
-(D = 0 when the batch's centred means vanish to rounding, e.g. a batch of one class), and the
-tracked means are
-
-    Hbar_k <- alpha_k D_k + (1 - alpha_k) Hbar_k.detach()   for the classes in the batch
-    Hbar_k <- Hbar_k.detach()                               for the others
+    Hbar_k <- alpha_k (mu_k - mu_G) + (1 - alpha_k) Hbar_k.detach()   for the classes in the batch
+    Hbar_k <- Hbar_k.detach()                                           for the others
 
 with t_k the number of batches class k has appeared in (this one included) and
-alpha_k = max(2/(t_k + 1), min_alpha) ("ema"), 1/t_k ("cma", the mean of the per-batch D) or 1
-("none": the current batch's D). A class never seen keeps Hbar_k = 0 (its mean is taken to be
-mu_G). The output is Hbar / ||Hbar||_F; gradients reach only the current batch (through D,
-r included).
-
-The division by r makes the tracker invariant to the scale of each batch: a batch whose features
-are 1e18 times larger than the others moves Hbar exactly as it would at their scale, instead of
-dominating a moving average of raw means for ~40/alpha steps. In a stream of constant feature
-scale r is the same up to sampling noise, and the output (normalised, so scale free) is that of
-the moving average of the raw centred means. Hbar is dimensionless (rows of norm ~1).
+alpha_k = max(2/(t_k + 1), min_alpha) ("ema"), 1/t_k ("cma", the mean of the per-batch centred
+means) or 1 ("none": the current batch's means); centred means that vanish to rounding (a
+batch of one class) count as zero. A class never seen keeps Hbar_k = 0 (its mean is taken to be
+mu_G). The output is Hbar / ||Hbar||_F, normalised scale-safely; gradients reach only the
+current batch. This is the reference code's moving average of the raw centred means
+(docs/math.md §3): it is invariant to the scale of the whole feature stream, not of single
+batches, so one batch at an outlying scale dominates the average for about 1/alpha_k steps. The
+heads normalise every feature to the norm tau by default, which removes such outliers before
+the tracker sees them.
 """
 
 from __future__ import annotations
@@ -42,7 +35,6 @@ from nearest_etf._validation import (
     check_float_tensor,
     coincide,
     normalise,
-    pow2_scale,
 )
 
 __all__ = [
@@ -221,11 +213,7 @@ class ClassMeanTracker(nn.Module):
                 f"the batch's class sums overflow {features.dtype} (features up to "
                 f"{float(features.detach().abs().max()):.3g}): rescale the features"
             )
-        if vanishes:
-            batch = torch.zeros_like(centred)
-        else:  # D = centred / r, at an exact power-of-two scale: no overflow or underflow
-            scaled = centred * pow2_scale(centred, (0, 1))
-            batch = scaled / (scaled.square().sum() / present.sum()).sqrt()
+        batch = torch.zeros_like(centred) if vanishes else centred
         appearances = self.appearances + present.long()
         alpha = self._alpha(appearances.clamp_min(1), features.dtype).unsqueeze(1)
         previous = self.means.detach().to(features.dtype)

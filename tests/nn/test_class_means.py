@@ -22,12 +22,10 @@ def _stream(K: int = 4, d: int = 3, steps: int = 6, seed: int = 0):
     return batches
 
 
-def _batch_units(X: np.ndarray, y: np.ndarray, K: int) -> dict[int, np.ndarray]:
-    """{k: (mu_k - mu_G) / r} for the classes present, r the RMS norm of those centred means."""
+def _batch_centred_means(X: np.ndarray, y: np.ndarray, K: int) -> dict[int, np.ndarray]:
+    """{k: mu_k - mu_G} for the classes present in the batch."""
     mu_g = X.mean(axis=0)
-    centred = {k: X[y == k].mean(axis=0) - mu_g for k in range(K) if (y == k).any()}
-    r = np.sqrt(np.mean([np.sum(c**2) for c in centred.values()]))
-    return {k: c / r for k, c in centred.items()}
+    return {k: X[y == k].mean(axis=0) - mu_g for k in range(K) if (y == k).any()}
 
 
 def _oracle(batches, K: int, d: int, rule: str, min_alpha: float = 1e-4) -> np.ndarray:
@@ -35,7 +33,7 @@ def _oracle(batches, K: int, d: int, rule: str, min_alpha: float = 1e-4) -> np.n
     H = np.zeros((K, d))
     t = np.zeros(K, dtype=int)
     for features, labels in batches:
-        for k, D_k in _batch_units(features.numpy(), labels.numpy(), K).items():
+        for k, D_k in _batch_centred_means(features.numpy(), labels.numpy(), K).items():
             t[k] += 1
             alpha = {"ema": max(2 / (t[k] + 1), min_alpha), "cma": 1 / t[k], "none": 1.0}[rule]
             H[k] = alpha * D_k + (1 - alpha) * H[k]
@@ -54,14 +52,14 @@ def test_tracker_matches_loop_oracle(rule):
     assert tracker.appearances.tolist() == [5, 6, 6, 3]
 
 
-def test_cma_is_mean_of_per_batch_units_and_none_is_last_seen():
+def test_cma_is_mean_of_per_batch_centred_means_and_none_is_last_seen():
     batches = _stream(steps=5)
     cma = ClassMeanTracker(3, 4, average="cma").to(F64)
     none = ClassMeanTracker(3, 4, average="none").to(F64)
     for features, labels in batches:
         cma(features, labels)
         none(features, labels)
-    units = [_batch_units(f.numpy(), y.numpy(), 4) for f, y in batches]
+    units = [_batch_centred_means(f.numpy(), y.numpy(), 4) for f, y in batches]
     class3 = [u[3] for u in units if 3 in u]  # class 3 appears in the last two batches
     np.testing.assert_allclose(cma.means[3].numpy(), np.mean(class3, axis=0), rtol=1e-12)
     np.testing.assert_allclose(none.means[1].numpy(), units[-1][1], rtol=1e-12)
