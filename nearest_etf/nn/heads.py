@@ -477,6 +477,12 @@ class ImplicitETFHead(_ETFHead):
     f = tau h/||h||; None leaves h unnormalised (not recommended: cross-entropy then grows
     ||h|| without bound). Before the first step U = I[:, :K] and m = 0.
 
+    solve_every: re-solve U every k-th training step (default 1, every step, as in the paper).
+    In between, the tracker and the running mean are still updated and the logits use the last
+    U, held fixed (no gradient through U on those steps, like `FixedETFHead` with a moving
+    frame): an explicit trade of the node's cost against how closely U follows the class
+    means. docs/heads.md measures its speed and its effect on collapse.
+
     Buffers: tracker state, ``frame`` U[d, K] (the prox of the next step), ``running_mean[d]``,
     ``num_steps``; ``weight`` = (U M_K)^T and ``bias`` are computed from them.
     """
@@ -495,9 +501,13 @@ class ImplicitETFHead(_ETFHead):
         solver: str | Solver = "procrustes",
         backward: str | Backward = "analytic",
         detach_frame: bool = False,
+        solve_every: int = 1,
     ) -> None:
         super().__init__(num_features, num_classes, temperature, momentum)
         self.delta = check_nonnegative("delta", delta)
+        if isinstance(solve_every, bool) or not isinstance(solve_every, int) or solve_every < 1:
+            raise ValueError(f"solve_every must be an int >= 1, got {solve_every!r}")
+        self.solve_every = solve_every
         self.solver = as_solver(solver)
         self.backward = as_backward(backward)
         self.detach_frame = detach_frame
@@ -507,7 +517,7 @@ class ImplicitETFHead(_ETFHead):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, delta={self.delta}, average={self.tracker.average!r}, "
-            f"solver={self.solver!r}, backward={self.backward!r}"
+            f"solver={self.solver!r}, backward={self.backward!r}, solve_every={self.solve_every}"
         )
 
     @property
@@ -529,9 +539,12 @@ class ImplicitETFHead(_ETFHead):
                 "call head.eval() for inference"
             )
         tracked = self.tracker.compute(features, targets)
-        U = self._solve(tracked.normalised.mT)
-        if self.detach_frame:
-            U = U.detach()
+        if int(self.num_steps) % self.solve_every == 0:
+            U = self._solve(tracked.normalised.mT)
+            if self.detach_frame:
+                U = U.detach()
+        else:  # reuse the last frame (solve_every > 1)
+            U = self.frame.to(features.dtype, copy=True)
         W = etf_classifier(U)
         logits = F.linear(features, W, -(W @ tracked.global_mean))
         update_mean = self._running_mean_update(tracked.global_mean)

@@ -1,5 +1,6 @@
 import copy
 import io
+import itertools
 import math
 
 import pytest
@@ -513,3 +514,42 @@ def test_default_temperature_rule():
     assert LearnedHead(16, 10, temperature="auto").temperature == default_temperature(10)
     with pytest.raises(ValueError, match="collapsed_loss"):
         default_temperature(10, collapsed_loss=3.0)
+
+
+def test_solve_every_reuses_the_frame_between_solves():
+    torch.manual_seed(0)
+    every = ImplicitETFHead(12, 4, solve_every=3)
+    frames, tracked = [], []
+    for _ in range(7):
+        x, y = torch.randn(16, 12, requires_grad=True), torch.arange(16) % 4
+        every(x, y).logsumexp(1).mean().backward()
+        frames.append(every.frame.clone())
+        tracked.append(every.tracker.means.clone())
+    # steps 1, 2 and 4, 5 keep the frame of steps 0 and 3; solve steps move it
+    assert torch.equal(frames[1], frames[0]) and torch.equal(frames[2], frames[0])
+    assert torch.equal(frames[4], frames[3]) and torch.equal(frames[5], frames[3])
+    assert not torch.equal(frames[3], frames[2]) and not torch.equal(frames[6], frames[5])
+    # the tracker follows the class means at every step
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(tracked))
+    with pytest.raises(ValueError, match="solve_every must be an int >= 1"):
+        ImplicitETFHead(12, 4, solve_every=0)
+
+
+def test_solve_every_gradient_at_a_reuse_step_is_the_fixed_frame_gradient():
+    # between solves the head is z = W (f - mu_G) with W from the held frame: gradcheck that
+    # function (float64) through a fresh copy of the head state at every call
+    torch.manual_seed(1)
+    head = ImplicitETFHead(6, 3, solve_every=2).double()
+    x0, y = torch.randn(9, 6, dtype=torch.float64), torch.arange(9) % 3
+    head(x0, y)  # step 0 solves; step 1 reuses
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        head.load_state_dict(state)
+        return head(x, y)
+
+    x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(step, (x,))
+    head.load_state_dict(state)
+    step(x)
+    torch.testing.assert_close(head.frame, state["frame"], rtol=0, atol=0)
