@@ -18,14 +18,14 @@ import torch
 
 from nearest_etf.experiments.dufm.model import one_torch_thread
 from nearest_etf.experiments.dufm.sweep import SweepGrid, run_sweep
-from nearest_etf.experiments.dufm.train import TrainConfig, train_dufm
+from nearest_etf.experiments.dufm.train import DUFMConfig, train_dufm
 
 SWEEP_WDS = [0.001, 0.0014, 0.002, 0.0028, 0.004, 0.0056, 0.008, 0.0113]
 RUN_TARGET_S = 10.0
 SWEEP_TARGET_S = 300.0
 
 
-def autograd_seconds_per_step(config: TrainConfig, steps: int) -> float:
+def autograd_seconds_per_step(config: DUFMConfig, steps: int) -> float:
     """Plain gradient descent with gradients from torch.autograd on DUFMProblem.loss."""
     problem = config.problem()
     params = [p.requires_grad_() for p in problem.init(config.seed, config.init_scale)]
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    config = TrainConfig()  # 4-DUFM, K = 10, width 30, lambda 0.004, lr 0.5, 20,000 steps
+    config = DUFMConfig()  # 4-DUFM, K = 10, width 30, lambda 0.004, lr 0.5, 20,000 steps
     result = train_dufm(config)
     auto = autograd_seconds_per_step(config, 2000) * config.steps
     print(

@@ -156,3 +156,13 @@ def check_nonnegative(name: str, value: float) -> float:
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return float(value)
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> int:
+    """`value` if it is an int (not a bool) >= `minimum`; TypeError for another type, ValueError
+    for a smaller int, each naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value

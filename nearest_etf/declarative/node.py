@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from nearest_etf._threads import is_small, single_threaded
+from nearest_etf._validation import check_int
 from nearest_etf.declarative.geometry import ConstraintGeometry, geometry_of
 from nearest_etf.declarative.solvers import (
     Inputs,
@@ -48,7 +49,6 @@ from nearest_etf.declarative.solvers import (
     SolverResult,
     as_solver,
     as_solver_result,
-    check_positive_int,
 )
 
 __all__ = [
@@ -260,7 +260,7 @@ class ConjugateGradient:
         ):
             raise ValueError(f"rtol must be a positive number or None, got {self.rtol!r}")
         if self.max_iterations is not None:
-            check_positive_int("max_iterations", self.max_iterations)
+            check_int("max_iterations", self.max_iterations)
 
     def tangent_solve(
         self, geometry: ConstraintGeometry, f_y: Callable[[Tensor], Tensor], y: Tensor, v: Tensor

@@ -34,7 +34,7 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 from nearest_etf._threads import is_small, single_threaded
-from nearest_etf._validation import check_nonnegative
+from nearest_etf._validation import check_int, check_nonnegative
 from nearest_etf.declarative.geometry import geometry_of
 from nearest_etf.polar_decomposition import polar
 
@@ -111,12 +111,6 @@ def _gradient_and_cost(
         (egrad,) = torch.autograd.grad(cost, leaf)
     rgrad = geometry_of(manifold).project(leaf.detach(), egrad)
     return float(torch.linalg.vector_norm(rgrad)), float(cost.detach())
-
-
-def check_positive_int(name: str, value: int) -> None:
-    """Raise ValueError unless value is an int >= 1 (not a bool)."""
-    if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _warn_stopped_short(result: SolverResult, solver: object, tolerance: float) -> None:
@@ -225,7 +219,7 @@ class TrustRegions(_IterativeSolver):
     verbosity: int = 0
 
     def __post_init__(self) -> None:
-        check_positive_int("max_iterations", self.max_iterations)
+        check_int("max_iterations", self.max_iterations)
         check_nonnegative("min_gradient_norm", self.min_gradient_norm)
 
     def _run(
@@ -302,7 +296,7 @@ class RiemannianAdamSolver(_IterativeSolver):
     max_iterations: int = 10000
 
     def __post_init__(self) -> None:
-        check_positive_int("max_iterations", self.max_iterations)
+        check_int("max_iterations", self.max_iterations)
         check_nonnegative("min_gradient_norm", self.min_gradient_norm)
         if not (isinstance(self.lr, int | float) and self.lr > 0):
             raise ValueError(f"lr must be positive, got {self.lr!r}")

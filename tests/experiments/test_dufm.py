@@ -20,7 +20,7 @@ from nearest_etf.experiments.dufm.reference import (
     srg_vertices,
 )
 from nearest_etf.experiments.dufm.sweep import SweepGrid, srg_ratio_row
-from nearest_etf.experiments.dufm.train import TrainConfig, train_dufm
+from nearest_etf.experiments.dufm.train import DUFMConfig, train_dufm
 from nearest_etf.metrics.collapse import class_means
 
 F64 = torch.float64
@@ -145,19 +145,19 @@ def test_local_optimisation_does_not_increase_loss():
 
 
 def test_short_run_is_deterministic_per_seed():
-    config = TrainConfig(layers=3, classes=4, width=8, steps=300, seed=7)
+    config = DUFMConfig(layers=3, classes=4, width=8, steps=300, seed=7)
     a, b = train_dufm(config), train_dufm(config)
     for p, q in zip(a.params, b.params, strict=True):
         assert torch.equal(p, q)
     assert a.fit == b.fit
-    c = train_dufm(TrainConfig(layers=3, classes=4, width=8, steps=300, seed=8))
+    c = train_dufm(DUFMConfig(layers=3, classes=4, width=8, steps=300, seed=8))
     assert not torch.equal(a.params[0], c.params[0])
     assert a.fit[-1] < a.fit[0]
 
 
 @pytest.mark.parametrize("optimizer", ["gd", "sgd", "adam"])
 def test_optimizers_decrease_the_loss(optimizer):
-    config = TrainConfig(
+    config = DUFMConfig(
         layers=3,
         classes=4,
         width=8,
@@ -174,7 +174,7 @@ def test_optimizers_decrease_the_loss(optimizer):
 
 
 def test_float32_option():
-    result = train_dufm(TrainConfig(layers=2, classes=3, width=4, steps=50, dtype="float32"))
+    result = train_dufm(DUFMConfig(layers=2, classes=3, width=4, steps=50, dtype="float32"))
     assert result.params[0].dtype == torch.float32
 
 
@@ -190,11 +190,11 @@ def test_bad_arguments_get_clear_errors():
     with pytest.raises(ValueError, match="lambda_w needs"):
         DUFMProblem(3, 3, 3, lambda_w=[0.1, 0.1])
     with pytest.raises(ValueError, match="optimizer"):
-        TrainConfig(optimizer="lbfgs")
+        DUFMConfig(optimizer="lbfgs")
     with pytest.raises(ValueError, match="batch_size"):
-        TrainConfig(optimizer="sgd")
+        DUFMConfig(optimizer="sgd")
     with pytest.raises(ValueError, match="width"):
-        TrainConfig(width=5)
+        DUFMConfig(width=5)
     with pytest.raises(ValueError, match="regularisation"):
         dnc_loss(DUFMProblem(2, 3, 3, lambda_h=0.0))
     with pytest.raises(ValueError, match="shapes"):
@@ -215,7 +215,7 @@ def test_ray_executor_without_ray_is_a_clear_error():
 
 def test_sweep_grid_and_process_pool_agree_with_serial():
     grid = SweepGrid(
-        base=TrainConfig(layers=2, classes=3, width=4, steps=20),
+        base=DUFMConfig(layers=2, classes=3, width=4, steps=20),
         wd=[0.01, 0.02],
         width=[4, 5],
         seeds=[0, 1, 2],
@@ -316,7 +316,7 @@ def test_cli_rejects_bad_sweep_values():
 
 @pytest.mark.slow
 def test_paper_setting_reaches_low_rank_below_dnc():
-    config = TrainConfig()  # 4-DUFM, K = 10, width 30, lambda 0.004, lr 0.5, 20k steps
+    config = DUFMConfig()  # 4-DUFM, K = 10, width 30, lambda 0.004, lr 0.5, 20k steps
     result = train_dufm(config)
     problem = config.problem()
     ranks = hidden_ranks(analyse_layers(problem, result.params))
@@ -348,7 +348,7 @@ def test_found_dnc_needs_full_rank_and_the_dnc_loss():
     from nearest_etf.experiments.dufm.run import summarise
     from nearest_etf.experiments.dufm.train import TrainResult
 
-    config = TrainConfig(layers=3, classes=3, width=4, steps=0)
+    config = DUFMConfig(layers=3, classes=3, width=4, steps=0)
     problem = config.problem()
     refs = reference_losses(problem)
     point = dnc_point(problem)

@@ -17,15 +17,15 @@ from nearest_etf.experiments.dufm.reference import (
 )
 from nearest_etf.experiments.dufm.run import run_experiment
 from nearest_etf.experiments.dufm.sweep import SweepGrid, run_sweep
-from nearest_etf.experiments.dufm.train import TrainConfig, TrainResult, train_dufm
+from nearest_etf.experiments.dufm.train import DUFMConfig, TrainResult, train_dufm
 
 __all__ = [
+    "DUFMConfig",
     "DUFMProblem",
     "LayerStats",
     "LossParts",
     "ReferenceLosses",
     "SweepGrid",
-    "TrainConfig",
     "TrainResult",
     "add_parser",
     "analyse_layers",

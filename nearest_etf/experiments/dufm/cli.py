@@ -30,7 +30,7 @@ from nearest_etf.experiments._common.runs import UserError, open_run, user_error
 from nearest_etf.experiments.dufm.analysis import DEFAULT_RANK_RTOL
 from nearest_etf.experiments.dufm.run import run_experiment
 from nearest_etf.experiments.dufm.sweep import SweepGrid, check_sweep, run_sweep, sweep_settings
-from nearest_etf.experiments.dufm.train import CONVERGED_RTOL, OPTIMIZERS, TrainConfig
+from nearest_etf.experiments.dufm.train import CONVERGED_RTOL, OPTIMIZERS, DUFMConfig
 
 __all__ = ["add_parser"]
 
@@ -56,7 +56,7 @@ def _list_of(kind: Callable) -> Callable[[str], list]:
 
 def _add_training_args(parser: argparse.ArgumentParser, multi: bool) -> None:
     """Model/training options; with ``multi`` the swept ones take comma lists."""
-    d = TrainConfig()
+    d = DUFMConfig()
     ints, rates, decays = (int, positive_float, nonnegative_float)
     if multi:
         ints, rates, decays = _list_of(int), _list_of(positive_float), _list_of(nonnegative_float)
@@ -111,12 +111,12 @@ def _add_training_args(parser: argparse.ArgumentParser, multi: bool) -> None:
 _SWEPT = ("layers", "classes", "width", "per_class", "wd", "lr")  # comma lists in `sweep`
 
 
-def _config(args: argparse.Namespace, **values: object) -> TrainConfig:
-    """TrainConfig from the parsed options (`values` replace swept lists by one value);
+def _config(args: argparse.Namespace, **values: object) -> DUFMConfig:
+    """DUFMConfig from the parsed options (`values` replace swept lists by one value);
     `UserError` for a bad combination."""
     wd_w = None if args.wd_w is None else tuple(args.wd_w)
     with user_errors():
-        return config_from_args(TrainConfig, args, wd_w=wd_w, **values)
+        return config_from_args(DUFMConfig, args, wd_w=wd_w, **values)
 
 
 def _check_rank_rtol(rtol: float) -> None:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nearest_etf._validation import check_int
+
 __all__ = ["DUFMProblem", "LossParts"]
 
 
@@ -40,14 +42,6 @@ class LossParts:
     @property
     def total(self) -> float:
         return self.fit + self.reg
-
-
-def _positive_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class DUFMProblem:
@@ -67,10 +61,10 @@ class DUFMProblem:
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
     ) -> None:
-        self.layers = _positive_int("layers (number of weight matrices L)", layers, 2)
-        self.classes = _positive_int("classes K", classes, 2)
-        self.width = _positive_int("width d", width, 1)
-        self.per_class = _positive_int("per_class n", per_class, 1)
+        self.layers = check_int("layers (number of weight matrices L)", layers, 2)
+        self.classes = check_int("classes K", classes, 2)
+        self.width = check_int("width d", width, 1)
+        self.per_class = check_int("per_class n", per_class, 1)
         if width < classes:
             raise ValueError(f"width d={width} must be >= the number of classes K={classes}")
         lambdas_w = (

@@ -28,7 +28,7 @@ from nearest_etf.experiments.dufm.model import DUFMProblem
 from nearest_etf.experiments.dufm.reference import ReferenceLosses, reference_losses
 from nearest_etf.experiments.dufm.train import (
     CONVERGED_RTOL,
-    TrainConfig,
+    DUFMConfig,
     TrainResult,
     train_dufm,
 )
@@ -123,7 +123,7 @@ def _summary(
     }
 
 
-def run_and_summarise(config: TrainConfig, rank_rtol: float = DEFAULT_RANK_RTOL) -> dict:
+def run_and_summarise(config: DUFMConfig, rank_rtol: float = DEFAULT_RANK_RTOL) -> dict:
     """Train one configuration and return its `summarise` row (the sweep's unit of work)."""
     result = train_dufm(config)
     return summarise(result, cached_reference_losses(config.problem()), rank_rtol)
@@ -140,7 +140,7 @@ def layer_stack_of_dufm(
 
 
 def run_experiment(
-    config: TrainConfig, out: Path, rank_rtol: float = DEFAULT_RANK_RTOL, progress: bool = True
+    config: DUFMConfig, out: Path, rank_rtol: float = DEFAULT_RANK_RTOL, progress: bool = True
 ) -> dict:
     """Train with a progress bar and write to ``out``: loss_curve.csv, summary.json,
     loss_curve.png and, unless the run diverged, layers.csv, singular_values.png and network.pt

@@ -19,7 +19,7 @@ from nearest_etf.experiments.dufm.analysis import DEFAULT_RANK_RTOL
 from nearest_etf.experiments.dufm.model import DUFMProblem
 from nearest_etf.experiments.dufm.reference import reference_losses
 from nearest_etf.experiments.dufm.run import run_and_summarise
-from nearest_etf.experiments.dufm.train import TrainConfig
+from nearest_etf.experiments.dufm.train import DUFMConfig
 
 __all__ = ["SweepGrid", "check_sweep", "run_sweep", "srg_ratio_row", "sweep_settings"]
 
@@ -28,7 +28,7 @@ __all__ = ["SweepGrid", "check_sweep", "run_sweep", "srg_ratio_row", "sweep_sett
 class SweepGrid:
     """The Cartesian product of the listed values, over ``seeds``, on top of ``base``."""
 
-    base: TrainConfig
+    base: DUFMConfig
     wd: Sequence[float] = ()
     lr: Sequence[float] = ()
     width: Sequence[int] = ()
@@ -37,7 +37,7 @@ class SweepGrid:
     per_class: Sequence[int] = ()
     seeds: Sequence[int] = (0,)
 
-    def configs(self) -> list[TrainConfig]:
+    def configs(self) -> list[DUFMConfig]:
         axes = {
             name: values
             for name in ("wd", "lr", "width", "layers", "classes", "per_class")
@@ -51,7 +51,7 @@ class SweepGrid:
         ]
 
 
-def _run_task(task: tuple[int, TrainConfig, float]) -> tuple[int, dict]:
+def _run_task(task: tuple[int, DUFMConfig, float]) -> tuple[int, dict]:
     index, config, rank_rtol = task
     return index, run_and_summarise(config, rank_rtol)
 

@@ -23,7 +23,7 @@ from nearest_etf._threads import single_threaded
 from nearest_etf.experiments._common.runs import divergence
 from nearest_etf.experiments.dufm.model import DUFMProblem, LossParts
 
-__all__ = ["CONVERGED_RTOL", "OPTIMIZERS", "TrainConfig", "TrainResult", "train_dufm"]
+__all__ = ["CONVERGED_RTOL", "OPTIMIZERS", "DUFMConfig", "TrainResult", "train_dufm"]
 
 # A run counts as converged when its loss changed by at most this fraction over the last tenth
 # of its steps (`TrainResult.loss_change`).
@@ -34,7 +34,7 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class DUFMConfig:
     """Everything that defines one DUFM training run.
 
     ``wd`` is the regularisation strength of every term unless ``wd_h`` (for H_1) or ``wd_w``
@@ -108,7 +108,7 @@ class TrainResult:
     A diverged run has ``diverged`` set, ``diverged_step`` (the recorded step where it was
     detected) and ``divergence`` (why); its parameters are those of that step."""
 
-    config: TrainConfig
+    config: DUFMConfig
     params: list[Tensor]
     steps: list[int] = field(default_factory=list)
     fit: list[float] = field(default_factory=list)
@@ -136,13 +136,13 @@ class TrainResult:
         return abs(total[start] - total[-1]) / abs(total[-1])
 
 
-def _optimizer(config: TrainConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+def _optimizer(config: DUFMConfig, params: list[Tensor]) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
 
 
-def train_dufm(config: TrainConfig, progress: bool = False) -> TrainResult:
+def train_dufm(config: DUFMConfig, progress: bool = False) -> TrainResult:
     """Train from the seeded Gaussian initialisation for ``config.steps`` steps.
 
     The loss is recorded every ``record_every`` steps and at the last step. Stops early
@@ -153,7 +153,7 @@ def train_dufm(config: TrainConfig, progress: bool = False) -> TrainResult:
         return _train(config, progress)
 
 
-def _train(config: TrainConfig, progress: bool) -> TrainResult:
+def _train(config: DUFMConfig, progress: bool) -> TrainResult:
     problem = config.problem()
     params = problem.init(config.seed, config.init_scale)
     optimizer = _optimizer(config, params)

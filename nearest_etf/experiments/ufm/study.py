@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from nearest_etf import metrics
+from nearest_etf._validation import check_int
 from nearest_etf.experiments._common.parallel import map_unordered
 from nearest_etf.experiments._common.runs import divergence
 from nearest_etf.nn.heads import NonFiniteError, make_head
@@ -83,12 +84,6 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _SELECTION_METRICS = ("nc1", "etf_distance", "nc3")
 
 
-def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class UFMConfig:
     """Everything shared by the methods of one UFM study (the lr and the seed vary per run).
@@ -119,11 +114,11 @@ class UFMConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _positive_int("classes", self.classes, 2)
-        _positive_int("dim", self.dim, self.classes)
-        _positive_int("per_class", self.per_class)
-        _positive_int("steps", self.steps, 0)
-        _positive_int("records", self.records, 2)
+        check_int("classes", self.classes, 2)
+        check_int("dim", self.dim, self.classes)
+        check_int("per_class", self.per_class)
+        check_int("steps", self.steps, 0)
+        check_int("records", self.records, 2)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.dtype not in _DTYPES:
@@ -462,7 +457,7 @@ def check_study(
         raise ValueError(f"tune_seed {tune_seed} must differ from the evaluation seeds {seeds}")
     for lr in [*lr_grid, shared_lr]:
         _check_lr(lr)
-    _positive_int("workers", workers)
+    check_int("workers", workers)
 
 
 def run_study(
