@@ -60,6 +60,7 @@ from nearest_etf.nearest import nearest_etf, nearest_etf_objective
 from nearest_etf.nn.class_means import check_labels, class_sums
 
 __all__ = [
+    "RANK_RTOL",
     "CollapseStatistics",
     "bias_collapse",
     "class_means",
@@ -82,6 +83,9 @@ __all__ = [
     "singular_values",
     "variability_collapse_index",
 ]
+
+# Relative tolerance of the numerical rank: singular values <= RANK_RTOL * s_max count as zero.
+RANK_RTOL = 1e-3
 
 # The global mean mu_G of a feature set: the mean of the samples (each class weighs n_k / N) or
 # the mean of the class means (each class weighs 1 / K).
@@ -333,12 +337,12 @@ def _scaled_singular_values(M: Tensor) -> Tensor:
     return torch.linalg.svdvals(M * pow2_scale(M, (0, 1))) if M.numel() else M.new_zeros(0)
 
 
-def numerical_rank(M: Tensor, rtol: float = 1e-3) -> int:
+def numerical_rank(M: Tensor, rtol: float = RANK_RTOL) -> int:
     """#{i : s_i > rtol * s_max} for the singular values s of M[m, n] (0 for M = 0)."""
     return rank_of_singular_values(_scaled_singular_values(M), rtol)
 
 
-def rank_of_singular_values(s: Tensor, rtol: float = 1e-3) -> int:
+def rank_of_singular_values(s: Tensor, rtol: float = RANK_RTOL) -> int:
     """#{i : s_i > rtol * s_max} for singular values s[r] in decreasing order (0 if all zero)."""
     s = check_float_tensor("s", s)
     if s.ndim != 1:

@@ -22,11 +22,11 @@ from nearest_etf.experiments._common.results import save_figure, write_csv
 from nearest_etf.experiments._common.runs import UserError, write_json
 from nearest_etf.experiments.bounds.generalisation import (
     BOUND_NAMES,
-    DEFAULT_RANK_RTOL,
     BoundsResult,
     network_bounds,
 )
 from nearest_etf.experiments.layer_stack import load_layer_stack
+from nearest_etf.metrics.collapse import RANK_RTOL
 
 __all__ = ["add_parser", "bounds_of_run", "format_table", "network_files"]
 
@@ -78,7 +78,7 @@ def _plot(rows: Sequence[dict[str, object]], path: Path, c1: float, c2: float) -
 
 def bounds_of_run(
     path: Path,
-    rank_rtol: float = DEFAULT_RANK_RTOL,
+    rank_rtol: float = RANK_RTOL,
     delta: float = 0.05,
     loss_lipschitz: float = 1.0,
     c1: float = 1.0,
@@ -155,7 +155,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--rank-rtol",
         type=float,
-        default=DEFAULT_RANK_RTOL,
+        default=RANK_RTOL,
         help="numerical rank counts singular values > rtol * s_max",
     )
     parser.add_argument("--delta", type=float, default=0.05, help="confidence 1 - delta")

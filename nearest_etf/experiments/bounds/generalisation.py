@@ -73,7 +73,7 @@ from torch import Tensor
 
 from nearest_etf._validation import as_float64, scale_safe_norm
 from nearest_etf.experiments.layer_stack import LayerStack
-from nearest_etf.metrics.collapse import rank_of_singular_values, singular_values
+from nearest_etf.metrics.collapse import RANK_RTOL, rank_of_singular_values, singular_values
 
 __all__ = [
     "BOUND_NAMES",
@@ -88,7 +88,6 @@ __all__ = [
     "rank_aware_bound",
 ]
 
-DEFAULT_RANK_RTOL = 1e-3
 
 BOUND_NAMES = ("rank_aware", "gap", "golowich", "neyshabur", "bartlett")
 """The bounds of a `BoundsResult`, by attribute name, in reporting order."""
@@ -295,7 +294,7 @@ def _bartlett(mats: list[_Matrix], data: _Data) -> float:
 def rank_aware_bound(
     weights: Sequence[Tensor],
     X: Tensor,
-    rank_rtol: float = DEFAULT_RANK_RTOL,
+    rank_rtol: float = RANK_RTOL,
     c1: float = 1.0,
     c2: float = 1.0,
 ) -> tuple[float, list[LayerBound]]:
@@ -358,7 +357,7 @@ def bias_free_weights(stack: LayerStack) -> tuple[list[Tensor], Tensor]:
 
 def network_bounds(
     stack: LayerStack,
-    rank_rtol: float = DEFAULT_RANK_RTOL,
+    rank_rtol: float = RANK_RTOL,
     delta: float = 0.05,
     loss_lipschitz: float = 1.0,
     c1: float = 1.0,

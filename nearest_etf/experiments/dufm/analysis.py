@@ -33,9 +33,11 @@ from nearest_etf.metrics.collapse import (
     singular_values,
 )
 
-__all__ = ["DEFAULT_RANK_RTOL", "LayerStats", "analyse_layers", "hidden_ranks", "is_dnc"]
+__all__ = ["DUFM_RANK_RTOL", "LayerStats", "analyse_layers", "hidden_ranks", "is_dnc"]
 
-DEFAULT_RANK_RTOL = 1e-2
+# The DUFM's rank cut-off, looser than metrics.RANK_RTOL: after a ReLU the class means of a
+# low-rank pre-activation keep a small tail of singular values (docs/dufm.md, "Why rtol").
+DUFM_RANK_RTOL = 1e-2
 _COLLAPSED_RTOL = 1e-12  # centred means this small (relative) count as one point
 
 
@@ -62,7 +64,7 @@ def _resolvable(s_max: float, rtol: float, tiny: float) -> bool:
 
 
 def analyse_layers(
-    problem: DUFMProblem, params: Sequence[Tensor], rtol: float = DEFAULT_RANK_RTOL
+    problem: DUFMProblem, params: Sequence[Tensor], rtol: float = DUFM_RANK_RTOL
 ) -> list[LayerStats]:
     """LayerStats of H1, Z1, H2, ..., Z{L} (see `DUFMProblem.representations`)."""
     stats = []

@@ -27,7 +27,7 @@ from nearest_etf.experiments._common.options import (
 )
 from nearest_etf.experiments._common.parallel import EXECUTORS
 from nearest_etf.experiments._common.runs import UserError, open_run, user_errors
-from nearest_etf.experiments.dufm.analysis import DEFAULT_RANK_RTOL
+from nearest_etf.experiments.dufm.analysis import DUFM_RANK_RTOL
 from nearest_etf.experiments.dufm.run import run_experiment
 from nearest_etf.experiments.dufm.sweep import SweepGrid, check_sweep, run_sweep, sweep_settings
 from nearest_etf.experiments.dufm.train import CONVERGED_RTOL, OPTIMIZERS, DUFMConfig
@@ -101,7 +101,7 @@ def _add_training_args(parser: argparse.ArgumentParser, multi: bool) -> None:
     parser.add_argument(
         "--rank-rtol",
         type=positive_float,
-        default=DEFAULT_RANK_RTOL,
+        default=DUFM_RANK_RTOL,
         help="numerical rank counts s_i > rtol * s_max (0 < rtol < 1)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")

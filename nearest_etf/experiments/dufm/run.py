@@ -18,7 +18,7 @@ from torch import Tensor
 from nearest_etf.experiments._common.results import write_csv
 from nearest_etf.experiments._common.runs import write_json
 from nearest_etf.experiments.dufm.analysis import (
-    DEFAULT_RANK_RTOL,
+    DUFM_RANK_RTOL,
     LayerStats,
     analyse_layers,
     hidden_ranks,
@@ -65,7 +65,7 @@ def cached_reference_losses(problem: DUFMProblem) -> ReferenceLosses:
 
 
 def summarise(
-    result: TrainResult, refs: ReferenceLosses, rank_rtol: float = DEFAULT_RANK_RTOL
+    result: TrainResult, refs: ReferenceLosses, rank_rtol: float = DUFM_RANK_RTOL
 ) -> dict:
     """Flat summary of a run: config, loss split, references, ranks of H_1..H_L, DNC flag.
 
@@ -123,7 +123,7 @@ def _summary(
     }
 
 
-def run_and_summarise(config: DUFMConfig, rank_rtol: float = DEFAULT_RANK_RTOL) -> dict:
+def run_and_summarise(config: DUFMConfig, rank_rtol: float = DUFM_RANK_RTOL) -> dict:
     """Train one configuration and return its `summarise` row (the sweep's unit of work)."""
     result = train_dufm(config)
     return summarise(result, cached_reference_losses(config.problem()), rank_rtol)
@@ -140,7 +140,7 @@ def layer_stack_of_dufm(
 
 
 def run_experiment(
-    config: DUFMConfig, out: Path, rank_rtol: float = DEFAULT_RANK_RTOL, progress: bool = True
+    config: DUFMConfig, out: Path, rank_rtol: float = DUFM_RANK_RTOL, progress: bool = True
 ) -> dict:
     """Train with a progress bar and write to ``out``: loss_curve.csv, summary.json,
     loss_curve.png and, unless the run diverged, layers.csv, singular_values.png and network.pt

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from nearest_etf.experiments._common.parallel import map_unordered
 from nearest_etf.experiments._common.results import write_csv
 from nearest_etf.experiments._common.runs import RunDirectory, write_json
-from nearest_etf.experiments.dufm.analysis import DEFAULT_RANK_RTOL
+from nearest_etf.experiments.dufm.analysis import DUFM_RANK_RTOL
 from nearest_etf.experiments.dufm.model import DUFMProblem
 from nearest_etf.experiments.dufm.reference import reference_losses
 from nearest_etf.experiments.dufm.run import run_and_summarise
@@ -135,7 +135,7 @@ def run_sweep(
     srg_layers: Sequence[int] = (3, 4, 5),
     srg_r: Sequence[int] = (),
     srg_wd: float = 0.004,
-    rank_rtol: float = DEFAULT_RANK_RTOL,
+    rank_rtol: float = DUFM_RANK_RTOL,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every configuration of ``grid`` (and the SRG ratio for ``srg_layers`` x ``srg_r`` at
