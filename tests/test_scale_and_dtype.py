@@ -154,7 +154,8 @@ METRICS: dict[str, tuple[Call, tuple[str, ...], tuple[str, ...], int]] = {
 
 
 def test_every_public_metric_is_covered():
-    functions = set(metrics.collapse.__all__) - {"CollapseStatistics", "collapse_metrics"}
+    functions = {n for n in metrics.collapse.__all__ if callable(getattr(metrics.collapse, n))}
+    functions -= {"CollapseStatistics", "collapse_metrics"}
     assert functions == set(METRICS)
 
 
