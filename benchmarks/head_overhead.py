@@ -4,7 +4,7 @@ Backbone: MLP(784 -> 1024 -> d) (Linear + BatchNorm + ReLU per layer), batch 256
 momentum, float32, synthetic inputs and uniformly random labels (timing only). The heads are
 measured side by side: after a warm-up, each repeat times one step of every head in turn, and
 the median over repeats is reported (with the ratio of the minima, which is less sensitive
-to other processes on a shared machine). Targets (issue 18, one thread): ImplicitETFHead /
+to other processes on a shared machine). Targets (one thread): ImplicitETFHead /
 LearnedHead <= 1.05x at (d, K) = (512, 100) and <= 3x at (2048, 1000), each printed with
 PASS/FAIL on the median ratio; and the implicit head re-solving every 10th step
 (`solve_every=10`) <= 1.5x at (2048, 1000).

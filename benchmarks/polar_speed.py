@@ -1,11 +1,11 @@
-"""Candidates for the polar factor's forward and backward, side by side in one run (issue 18).
+"""Candidates for the polar factor's forward and backward, side by side in one run.
 
 For each size (d, K) and dtype, A is the nearest-ETF Procrustes target of `noisy_etf_problem`
 (noise 1/sqrt(d) per entry, delta 1e-3; kappa = s_max / s_min is printed: about 4.6 at
 2048x1000, 30 at 512x100, 240 at 512x10) and G a Gaussian upstream gradient:
 
   svd             one torch.linalg.svd(A): the reference of every ratio
-  previous        the forward and backward before issue 18: polar_svd, then P^+ and six K^3
+  previous        the earlier forward and backward: polar_svd, then P^+ and six K^3
                   products in the backward
   svd+vjp         polar_svd with the current backward (P^+ saved, four K^3 products)
   gram32          A^T A and its eigh in float32 (float32 inputs; polished only where the guard
@@ -50,7 +50,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _previous_vjp(Q: Tensor, V: Tensor, s: Tensor, G: Tensor) -> Tensor:
-    """The backward before issue 18 (math.md §2b term by term): P^+ formed here, V^T Bk V and
+    """The earlier backward (docs/math.md §2b term by term): P^+ formed here, V^T Bk V and
     V ratio V^T, Q^T G P^+: six K^3 products besides the three d x K x K ones."""
     tol = _null_tolerance(s, Q.shape)
     QtG = Q.mT @ G

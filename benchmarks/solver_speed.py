@@ -1,4 +1,4 @@
-"""Speed of the nearest-ETF solvers and backward modes, side by side in one run (issue 3).
+"""Speed of the nearest-ETF solvers and backward modes, side by side in one run.
 
 For each size (d, K), float64 unless said, one problem (`noisy_etf_problem`: noisy simplex-ETF
 class means H, prox = the nearest ETF of an independently perturbed copy, random upstream G):
@@ -67,7 +67,7 @@ FLOAT32 = "float32 fwd+bwd"
 
 TARGET_FORWARD = (512, 100, 300.0)  # procrustes >= 300x faster than trust-regions
 TARGET_BACKWARD = (512, 50, 500.0)  # analytic >= 500x faster than structured KKT
-TARGET_FLOAT32 = (2048, 1000, 1.0)  # float32 fwd+bwd <= 1x one SVD (issue 18; 3x in issue 3)
+TARGET_FLOAT32 = (2048, 1000, 1.0)  # float32 fwd+bwd <= 1x one SVD
 
 
 @dataclass

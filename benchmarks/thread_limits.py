@@ -1,4 +1,4 @@
-"""Thread over-subscription in the package's small linear algebra, side by side (issue 18).
+"""Thread over-subscription in the package's small linear algebra, side by side.
 
 Each workload is timed (a) as the package runs it under `torch.set_num_threads(N)` (default N:
 all logical CPUs; NumPy's BLAS left at its default) and (b) forced onto one thread
