@@ -139,13 +139,15 @@ class TrackerUpdate:
 
     means: [K, d] the new tracked centred means Hbar (dimensionless, see the module docstring;
     with gradient through this batch);
-    normalised: Hbar / ||Hbar||_F; global_mean: [d] mu_G of the (all-ranks) batch;
-    appearances: [K] the new t_k."""
+    normalised: Hbar / ||Hbar||_F (zero when not `informative`); global_mean: [d] mu_G of the
+    (all-ranks) batch; appearances: [K] the new t_k; informative: False while every tracked
+    centred mean is zero (so far only batches of a single class: no class information yet)."""
 
     means: Tensor
     normalised: Tensor
     global_mean: Tensor
     appearances: Tensor
+    informative: bool
 
 
 class ClassMeanTracker(nn.Module):
@@ -190,9 +192,9 @@ class ClassMeanTracker(nn.Module):
 
     def compute(self, features: Tensor, labels: Tensor) -> TrackerUpdate:
         """The update for one batch (features[N, d], labels[N] in [0, K)), without touching the
-        buffers. ValueError for an empty batch, for class sums that overflow the dtype, and if
-        the tracked means would all be zero. The inputs are assumed to have passed
-        `check_batch`."""
+        buffers. ValueError for an empty batch and for class sums that overflow the dtype; an
+        update whose tracked means are all zero has ``informative=False``. The inputs are assumed
+        to have passed `check_batch`."""
         K = self.num_classes
         sums, counts = class_sums(features, labels, K)
         stats = distributed_sum(torch.cat([sums, counts.unsqueeze(1)], dim=1))
@@ -218,12 +220,10 @@ class ClassMeanTracker(nn.Module):
         alpha = self._alpha(appearances.clamp_min(1), features.dtype).unsqueeze(1)
         previous = self.means.detach().to(features.dtype)
         means = torch.where(present.unsqueeze(1), alpha * batch + (1 - alpha) * previous, previous)
-        if not bool(means.detach().abs().amax() > 0):
-            raise ValueError(
-                "all tracked class means coincide with the global mean (zero centred means): "
-                "the features carry no class information yet"
-            )
-        return TrackerUpdate(means, normalise(means, (0, 1)), global_mean, appearances)
+        informative = bool(means.detach().abs().amax() > 0)
+        return TrackerUpdate(
+            means, normalise(means, (0, 1)), global_mean, appearances, informative
+        )
 
     @torch.no_grad()
     def commit(self, update: TrackerUpdate) -> None:
@@ -238,5 +238,10 @@ class ClassMeanTracker(nn.Module):
         if labels is None:
             raise ValueError("the class-mean tracker needs the batch's labels")
         update = self.compute(features, labels)
+        if not update.informative:
+            raise ValueError(
+                "all tracked class means coincide with the global mean (zero centred means): "
+                "the features carry no class information yet (only one class seen so far?)"
+            )
         self.commit(update)
         return update.normalised

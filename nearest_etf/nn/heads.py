@@ -539,7 +539,9 @@ class ImplicitETFHead(_ETFHead):
                 "call head.eval() for inference"
             )
         tracked = self.tracker.compute(features, targets)
-        if int(self.num_steps) % self.solve_every == 0:
+        # Without class information yet (only single-class batches so far, e.g. class-sorted
+        # data) the nearest ETF is undefined: keep the current frame until there is some.
+        if tracked.informative and int(self.num_steps) % self.solve_every == 0:
             U = self._solve(tracked.normalised.mT)
             if self.detach_frame:
                 U = U.detach()

@@ -306,13 +306,16 @@ def test_bad_input_is_rejected_with_state_unchanged(index):
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_first_step_without_class_information_is_an_error():
+def test_steps_without_class_information_keep_the_frame():
+    # every class mean equal to the global mean: the nearest ETF is undefined, the frame stays
     head = ImplicitETFHead(D, K).to(F64)
     x, y = _batch()
-    with pytest.raises(ValueError, match="coincide"):
-        head(torch.ones_like(x), y)
-    assert int(head.num_steps) == 0 and head.tracker.appearances.sum() == 0
-    torch.testing.assert_close(head.frame, torch.eye(D, K, dtype=F64))
+    logits = head(torch.ones_like(x), y)
+    torch.testing.assert_close(logits, torch.zeros_like(logits), rtol=0, atol=1e-12)
+    assert int(head.num_steps) == 1
+    torch.testing.assert_close(head.frame, torch.eye(D, K, dtype=F64), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no class information yet"):
+        head.tracker(torch.ones_like(x), y)  # the tracker itself refuses to return zero means
 
 
 def test_constructor_errors():
@@ -553,3 +556,18 @@ def test_solve_every_gradient_at_a_reuse_step_is_the_fixed_frame_gradient():
     head.load_state_dict(state)
     step(x)
     torch.testing.assert_close(head.frame, state["frame"], rtol=0, atol=0)
+
+
+def test_a_first_batch_of_one_class_keeps_the_initial_frame():
+    # class-sorted data: the first batch holds one class, whose centred mean is zero, so the
+    # nearest ETF is undefined; the head keeps its frame until a batch carries class information
+    torch.manual_seed(2)
+    head = ImplicitETFHead(12, 4)
+    initial = head.frame.clone()
+    x = torch.randn(8, 12, requires_grad=True)
+    head(x, torch.full((8,), 3)).sum().backward()
+    assert torch.equal(head.frame, initial) and x.grad is not None
+    assert int(head.tracker.appearances[3]) == 1
+    head(torch.randn(8, 12), torch.arange(8) % 4)
+    assert not torch.equal(head.frame, initial)
+    torch.testing.assert_close(head.frame.T @ head.frame, torch.eye(4), rtol=0, atol=1e-5)
