@@ -1,0 +1,90 @@
+"""`train` under torchrun: 2 gloo processes on the CPU train like one process on the same
+global batches (tests/experiments/ddp_worker.py), and only rank 0 writes the run directory."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def _torchrun(nproc: int, *args: str) -> None:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", str(nproc), *args]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """rank0 and rank1 of 2 processes with batch 32, and the single process with batch 64."""
+    two, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
+    _torchrun(2, str(WORKER), str(two), "32")
+    _torchrun(1, str(WORKER), str(one), "64")
+    load = lambda path: torch.load(path, weights_only=True)  # noqa: E731
+    return {
+        "rank0": load(two / "rank0.pt"),
+        "rank1": load(two / "rank1.pt"),
+        "single": load(one / "rank0.pt"),
+    }
+
+
+@pytest.mark.parametrize("head", ["learned", "fixed", "implicit"])
+def test_ranks_hold_identical_models(ranks: dict[str, dict], head: str) -> None:
+    first, second = ranks["rank0"][head]["state"], ranks["rank1"][head]["state"]
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert ranks["rank0"][head]["rows"] == ranks["rank1"][head]["rows"]
+
+
+@pytest.mark.parametrize("head", ["learned", "fixed", "implicit"])
+def test_two_ranks_equal_one_process_on_the_global_batches(
+    ranks: dict[str, dict], head: str
+) -> None:
+    two, one = ranks["rank0"][head], ranks["single"][head]
+    assert len(two["rows"]) == len(one["rows"]) == 2
+    for row_two, row_one in zip(two["rows"], one["rows"], strict=True):
+        assert row_two["status"] == row_one["status"] == "ok"
+        for key, value in row_one.items():
+            if isinstance(value, float) and key != "seconds":
+                assert row_two[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    for key, value in one["state"].items():
+        torch.testing.assert_close(two["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # the models moved: the comparison is not between two untrained networks
+    assert one["rows"][1]["train_loss"] < one["rows"][0]["train_step_loss"]
+
+
+@pytest.mark.slow
+def test_only_rank_zero_writes_the_run_directory(tmp_path: Path) -> None:
+    """Rank 0 writes everything, no temporary file is left behind; `--resume` of the finished
+    directory reads the run back on both ranks and gives the same metrics."""
+    out = tmp_path / "run"
+    argv = ["-m", "nearest_etf", "train", "--dataset", "digits", "--train-subset", "128"]
+    argv += ["--test-subset", "64", "--epochs", "1", "--batch-size", "32", "--seeds", "1"]
+    argv += ["--head", "learned", "--widths", "16", "16", "--no-progress", "--out", str(out)]
+    _torchrun(2, *argv)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["runs"] == {"learned-seed0": "finished"}
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "comparison.png",
+        "manifest.json",
+        "metrics.csv",
+        "metrics.json",
+        "network-learned-seed0.pt",
+        "summary.txt",
+        "units",
+    ]
+    assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))
+    metrics = json.loads((out / "metrics.json").read_text())["rows"]
+    _torchrun(2, "-m", "nearest_etf", "train", "--resume", str(out))
+    assert json.loads((out / "metrics.json").read_text())["rows"] == metrics
+    assert len(json.loads((out / "manifest.json").read_text())["resumed"]) == 1
