@@ -88,3 +88,36 @@ def test_only_rank_zero_writes_the_run_directory(tmp_path: Path) -> None:
     _torchrun(2, "-m", "nearest_etf", "train", "--resume", str(out))
     assert json.loads((out / "metrics.json").read_text())["rows"] == metrics
     assert len(json.loads((out / "manifest.json").read_text())["resumed"]) == 1
+
+
+def _rows(out: Path) -> list[dict]:
+    return json.loads((out / "metrics.json").read_text())["rows"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["etf-transformer", "--patch-size", "8", "--depth", "1", "--width", "16", "--heads", "2"],
+        # --threshold 0.01 --patience 1: the adaptive methods freeze layers mid-run
+        ["adaptive-etf", "--depth", "3", "--width", "32", "--patience", "1", "--threshold", "0.01"],
+    ],
+    ids=["etf-transformer", "adaptive-etf"],
+)
+def test_other_training_commands_on_two_ranks_equal_one(tmp_path: Path, command: list) -> None:
+    base = ["-m", "nearest_etf", *command, "--dataset", "digits", "--train-subset", "128"]
+    base += ["--test-subset", "64", "--epochs", "3", "--seeds", "1", "--no-progress"]
+    _torchrun(2, *base, "--batch-size", "16", "--out", str(tmp_path / "two"))
+    _torchrun(1, *base, "--batch-size", "32", "--out", str(tmp_path / "one"))
+    two, one = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    assert len(two) == len(one) > 0
+    if command[0] == "adaptive-etf":  # the comparison covers a run that froze layers
+        assert any(row["frozen_from"] != -1 for row in one)
+    for row_two, row_one in zip(two, one, strict=True):
+        for key, value in row_one.items():
+            if key == "seconds":
+                continue
+            if isinstance(value, float):
+                assert row_two[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+            else:
+                assert row_two[key] == value, key
