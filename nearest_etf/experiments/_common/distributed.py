@@ -17,6 +17,7 @@ and the heads all-reduce their class statistics (`nearest_etf.nn.class_means.dis
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,7 +32,6 @@ from nearest_etf.nn.class_means import distributed_sum
 __all__ = [
     "GlobalBatchNorm1d",
     "GlobalBatchNorm2d",
-    "barrier",
     "broadcast_object",
     "is_distributed",
     "is_main",
@@ -60,11 +60,6 @@ def world_size() -> int:
 def is_main() -> bool:
     """Rank 0, the only rank that writes files and prints."""
     return rank() == 0
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 def broadcast_object(obj: object) -> object:
@@ -159,7 +154,9 @@ def parallel_model(model: nn.Module) -> nn.Module:
     _globalise(model)
     device = next(model.parameters()).device
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    with warnings.catch_warnings():  # its replacement would still sync buffers at the start
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def training_loader(x: Tensor, y: Tensor, batch_size: int, seed: int) -> DataLoader | None:

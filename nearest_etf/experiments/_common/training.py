@@ -146,8 +146,8 @@ def open_training_run(
     if not distributed.is_distributed():
         return open_run(args, command, settings, default)
     run = open_run(args, command, settings, default) if distributed.is_main() else None
+    # a collective: the other ranks read the directory only after rank 0 has opened it
     path = Path(str(distributed.broadcast_object(None if run is None else str(run.path))))
-    distributed.barrier()
     return run if run is not None else RunDirectory(path, read_manifest(path), writable=False)
 
 
