@@ -45,6 +45,7 @@ def test_dufm_sweep_on_ray_equals_the_process_executor(tmp_path: Path) -> None:
     ).read_text()
 
 
+@pytest.mark.slow
 def test_ufm_study_on_ray_equals_the_process_executor() -> None:
     config = UFMConfig(classes=3, dim=4, per_class=2, steps=20, records=5)
     common = {
