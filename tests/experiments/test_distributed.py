@@ -3,8 +3,10 @@ global batches (tests/experiments/ddp_worker.py), and only rank 0 writes the run
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,37 @@ def test_other_training_commands_on_two_ranks_equal_one(tmp_path: Path, command:
                 assert row_two[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
             else:
                 assert row_two[key] == value, key
+
+
+@pytest.mark.slow
+def test_interrupted_torchrun_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    """SIGINT to the torchrun process group after the first checkpoint; `--resume` on 2 ranks
+    (every rank loads rank 0's checkpoint) ends with the rows of an uninterrupted run."""
+    argv = ["-m", "nearest_etf", "train", "--dataset", "digits", "--head", "learned"]
+    argv += ["--seeds", "1", "--epochs", "4", "--batch-size", "32", "--widths", "64", "64"]
+    argv += ["--no-progress"]
+    out, reference = tmp_path / "run", tmp_path / "reference"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", *argv, "--out", str(out)]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = out / "checkpoints" / "learned-seed0.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=60)
+    interrupted = _rows(out)
+    assert 1 <= len(interrupted) < 4  # stopped mid-run, after a checkpoint
+    _torchrun(2, "-m", "nearest_etf", "train", "--resume", str(out))
+    _torchrun(2, *argv, "--out", str(reference))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(_rows(out)) == strip(_rows(reference))
+    assert len(_rows(out)) == 4
