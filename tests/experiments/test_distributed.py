@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nearest_etf.experiments._common.distributed import GlobalBatchNorm1d, GlobalBatchNorm2d
+
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -157,3 +159,32 @@ def test_interrupted_torchrun_resumes_to_the_uninterrupted_result(tmp_path: Path
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(_rows(out)) == strip(_rows(reference))
     assert len(_rows(out)) == 4
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_global_batch_norm_in_one_process_is_batch_norm(momentum: float | None) -> None:
+    """Without other ranks the global-batch BatchNorm is nn.BatchNorm: output, gradients and
+    running statistics (momentum and cumulative average)."""
+    for ours, theirs, shape in (
+        (
+            GlobalBatchNorm1d(5, momentum=momentum),
+            torch.nn.BatchNorm1d(5, momentum=momentum),
+            (8, 5),
+        ),
+        (
+            GlobalBatchNorm2d(3, momentum=momentum),
+            torch.nn.BatchNorm2d(3, momentum=momentum),
+            (4, 3, 2, 2),
+        ),
+    ):
+        theirs.load_state_dict(ours.state_dict())
+        for _ in range(3):
+            x = torch.randn(shape, dtype=torch.float64, requires_grad=True) * 3 + 1
+            ours.double(), theirs.double()
+            y_ours, y_theirs = ours(x), theirs(x)
+            torch.testing.assert_close(y_ours, y_theirs)
+            (g_ours,) = torch.autograd.grad((y_ours**3).sum(), x)
+            (g_theirs,) = torch.autograd.grad((y_theirs**3).sum(), x)
+            torch.testing.assert_close(g_ours, g_theirs)
+        for key, value in theirs.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[key], value, msg=key)

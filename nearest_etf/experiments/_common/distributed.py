@@ -100,7 +100,9 @@ def _global_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Te
     variance of the global batch normalise, the running statistics get the unbiased variance,
     as nn.BatchNorm does for one process."""
     dims = [0, *range(2, x.ndim)]
-    count = distributed_sum(torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype))
+    count = distributed_sum(
+        torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device)
+    )
     mean = distributed_sum(x.sum(dims)) / count
     shape = [1, -1] + [1] * (x.ndim - 2)
     centred = x - mean.view(shape)
@@ -108,7 +110,8 @@ def _global_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Te
     if module.track_running_stats and module.running_mean is not None:
         with torch.no_grad():
             module.num_batches_tracked += 1
-            m = module.momentum if module.momentum is not None else 0.0
+            m = module.momentum  # None: the cumulative average, as nn.BatchNorm
+            m = 1.0 / float(module.num_batches_tracked) if m is None else m
             module.running_mean.lerp_(mean.detach(), m)
             module.running_var.lerp_(var.detach() * count / (count - 1), m)
     y = centred / torch.sqrt(var.view(shape) + module.eps)
