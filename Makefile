@@ -12,7 +12,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[test,data]"
+	$(PIP) -e ".[test,data,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)

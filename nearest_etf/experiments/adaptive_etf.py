@@ -49,6 +49,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from nearest_etf.experiments._common import distributed
 from nearest_etf.experiments._common.options import (
     TrainingOptions,
     add_data_arguments,
@@ -68,18 +69,20 @@ from nearest_etf.experiments._common.results import (
     write_csv,
     write_metrics_and_summary,
 )
-from nearest_etf.experiments._common.runs import UserError, open_run, write_json
+from nearest_etf.experiments._common.runs import UserError, write_json
 from nearest_etf.experiments._common.training import (
     EpochLoop,
     RunSeries,
     eval_loaders,
     evaluate,
     load_training_data,
+    open_training_run,
     save_network,
     step_bar,
     train_epoch,
+    training_loader,
 )
-from nearest_etf.experiments.data import DataSplits, make_loader
+from nearest_etf.experiments.data import DataSplits
 from nearest_etf.experiments.models import MLP
 from nearest_etf.metrics.layer_probe import effective_depth, layer_collapse
 from nearest_etf.nn.etf_layers import (
@@ -223,7 +226,7 @@ def _run(
     """Train one network; one row per epoch. `loop` (default: a fresh one) checkpoints,
     resumes and stops a diverged run."""
     loop = loop or EpochLoop()
-    device = torch.device(config.device)
+    device = distributed.local_device(config.device)
     torch.manual_seed(seed)
     model = build_mlp(math.prod(data.input_shape), config.depth, config.width, data.num_classes).to(
         device
@@ -248,15 +251,18 @@ def _run(
         convert_to_etf(model, linears[state["frozen_from"] :], method.removeprefix("adaptive-"))
     if rule is not None and state["streaks"] is not None:
         rule.streaks, rule.frozen_from = list(state["streaks"]), state["frozen_from"]
-    loader = make_loader(
-        data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
-    )
+    loader = training_loader(data.x_train, data.y_train, config.batch_size, seed)
     eval_train, eval_test = eval_loaders(data)
     x_probe, y_probe = data.x_train[: config.probe_samples], data.y_train[: config.probe_samples]
     loss_fn = nn.CrossEntropyLoss()
+    trained = distributed.parallel_model(model)
     done = loop.start(model, optimizer, loader)
     rows = loop.rows
-    bar = step_bar(config.epochs * len(loader), f"{method} seed {seed}", config.progress)
+    bar = step_bar(
+        config.epochs * len(loader),
+        f"{method} seed {seed}",
+        config.progress and distributed.is_main(),
+    )
     bar.update(done * len(loader))
     frozen_from, frozen_epoch, pending = (
         state[k] for k in ("frozen_from", "frozen_epoch", "pending")
@@ -265,7 +271,8 @@ def _run(
         if pending is not None:  # decided after the previous epoch, applied before this one
             convert_to_etf(model, linears[pending:], method.removeprefix("adaptive-"))
             frozen_from, frozen_epoch, pending = pending, epoch - 1, None
-        train_loss = train_epoch(model, loader, optimizer, loss_fn, bar.update)
+            trained = distributed.parallel_model(model)  # DDP of the converted parameters
+        train_loss = train_epoch(trained, loader, optimizer, loss_fn, bar.update, epoch=epoch)
         if loop.diverged(epoch, train_loss):
             break
         layers = layer_collapse(model, probes, x_probe, y_probe, data.num_classes)
@@ -298,7 +305,12 @@ def _run(
             },
         )
     bar.close()
-    if loop.divergence is None and out_dir is not None and config.save_networks:
+    if (
+        loop.divergence is None
+        and out_dir is not None
+        and distributed.is_main()
+        and config.save_networks
+    ):
         path = out_dir / f"network-{method}-seed{seed}.pt"
         save_network(model, data, path, "adaptive-etf", config, rows[-1], "method")
     return rows
@@ -437,9 +449,17 @@ def main(args: argparse.Namespace) -> None:
     default = default_out_dir(
         "adaptive-etf", f"{Path(args.dataset).name}-D{args.depth}-h{args.width}"
     )
-    with open_run(args, "adaptive-etf", {"config": asdict(config)}, default) as run:
-        runs = RunSeries(run, lambda rows: write_metrics(rows, config, run.path))
+    settings = {"config": asdict(config)}
+    with (
+        distributed.session(config.device),
+        open_training_run(args, "adaptive-etf", settings, default) as run,
+    ):
+        main_rank = distributed.is_main()
+        write = (lambda rows: write_metrics(rows, config, run.path)) if main_rank else None
+        runs = RunSeries(run, write)
         rows = run_adaptive_etf(config, data, runs)
+        if not main_rank:
+            return
         paths = write_results(rows, config, run.path)
     print(format_summary(_summary_rows(rows, config)))
     if runs.diverged:

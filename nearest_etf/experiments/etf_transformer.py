@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from nearest_etf.experiments._common import distributed
 from nearest_etf.experiments._common.options import (
     TrainingOptions,
     add_data_arguments,
@@ -44,17 +45,19 @@ from nearest_etf.experiments._common.results import (
     write_csv,
     write_metrics_and_summary,
 )
-from nearest_etf.experiments._common.runs import UserError, open_run, write_json
+from nearest_etf.experiments._common.runs import UserError, write_json
 from nearest_etf.experiments._common.training import (
     EpochLoop,
     RunSeries,
     eval_loaders,
     evaluate,
     load_training_data,
+    open_training_run,
     step_bar,
     train_epoch,
+    training_loader,
 )
-from nearest_etf.experiments.data import DataSplits, make_loader
+from nearest_etf.experiments.data import DataSplits
 from nearest_etf.nn.etf_layers import convert_to_etf, trainable_parameters
 
 __all__ = [
@@ -167,7 +170,7 @@ def _run(
     """Train one variant; one row per epoch. `loop` (default: a fresh one) checkpoints,
     resumes and stops a diverged run."""
     loop = loop or EpochLoop()
-    device = torch.device(config.device)
+    device = distributed.local_device(config.device)
     torch.manual_seed(seed)
     model = _model(config, data).to(device)
     if variant != "baseline":
@@ -177,18 +180,21 @@ def _run(
         lr=config.lr,
         weight_decay=config.weight_decay,
     )
-    loader = make_loader(
-        data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
-    )
+    loader = training_loader(data.x_train, data.y_train, config.batch_size, seed)
     eval_train, eval_test = eval_loaders(data)
     total_params = sum(p.numel() for p in model.parameters())
     loss_fn = nn.CrossEntropyLoss()
+    trained = distributed.parallel_model(model)
     done = loop.start(model, optimizer, loader)
     rows = loop.rows
-    bar = step_bar(config.epochs * len(loader), f"{variant} seed {seed}", config.progress)
+    bar = step_bar(
+        config.epochs * len(loader),
+        f"{variant} seed {seed}",
+        config.progress and distributed.is_main(),
+    )
     bar.update(done * len(loader))
     for epoch in range(done + 1, config.epochs + 1):
-        train_loss = train_epoch(model, loader, optimizer, loss_fn, bar.update)
+        train_loss = train_epoch(trained, loader, optimizer, loss_fn, bar.update, epoch=epoch)
         if loop.diverged(epoch, train_loss):
             break
         _, train_accuracy = evaluate(model, eval_train)
@@ -294,9 +300,17 @@ def main(args: argparse.Namespace) -> None:
     data = load_training_data(config)
     check_config(config, data)
     default = default_out_dir("etf-transformer", Path(args.dataset).name)
-    with open_run(args, "etf-transformer", {"config": asdict(config)}, default) as run:
-        runs = RunSeries(run, lambda rows: write_metrics(rows, config, run.path))
+    settings = {"config": asdict(config)}
+    with (
+        distributed.session(config.device),
+        open_training_run(args, "etf-transformer", settings, default) as run,
+    ):
+        main_rank = distributed.is_main()
+        write = (lambda rows: write_metrics(rows, config, run.path)) if main_rank else None
+        runs = RunSeries(run, write)
         rows = run_etf_transformer(config, data, runs)
+        if not main_rank:
+            return
         paths = write_results(rows, config, run.path)
     print(format_summary(_summary_rows(rows, config)))
     if runs.diverged:

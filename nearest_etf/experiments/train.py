@@ -21,6 +21,10 @@ The output directory is a run directory (docs/runs.md): metrics.csv / metrics.js
 rewritten after every epoch, each (head, seed) run is checkpointed every epoch and recorded
 when it finishes, `--resume DIR` continues an interrupted invocation and a run whose loss or
 weights diverge stops there, keeping its rows.
+
+Under torchrun (`torchrun --nproc_per_node N -m nearest_etf train ...`) the runs train with
+DistributedDataParallel: `--batch-size` is the per-rank batch, so a step sees N times as many
+samples; only rank 0 writes and prints (docs/heads.md, "Several processes").
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from nearest_etf.experiments._common import distributed
 from nearest_etf.experiments._common.options import (
     DATASET_HELP,
     TrainingOptions,
@@ -50,7 +55,7 @@ from nearest_etf.experiments._common.options import (
     positive_int,
 )
 from nearest_etf.experiments._common.results import save_figure, write_csv
-from nearest_etf.experiments._common.runs import UserError, open_run, write_json, write_text
+from nearest_etf.experiments._common.runs import UserError, write_json, write_text
 from nearest_etf.experiments._common.training import (
     EpochLoop,
     RunSeries,
@@ -58,11 +63,13 @@ from nearest_etf.experiments._common.training import (
     eval_loaders,
     evaluate,
     load_training_data,
+    open_training_run,
     save_network,
     step_bar,
     train_epoch,
+    training_loader,
 )
-from nearest_etf.experiments.data import DataSplits, make_loader
+from nearest_etf.experiments.data import DataSplits
 from nearest_etf.experiments.models import MODELS, Classifier, make_backbone
 from nearest_etf.metrics.collapse import collapse_metrics
 from nearest_etf.nn.heads import HEADS, NonFiniteError, make_head
@@ -198,21 +205,24 @@ def train_run(
     network_dir/network-<head>-seed<seed>.pt. `loop` (default: a fresh one) checkpoints and
     resumes the run and stops it when it diverges (no network file is written then)."""
     loop = loop or EpochLoop()
-    device = torch.device(config.device)
+    device = distributed.local_device(config.device)
     torch.manual_seed(seed)
     model = _model(config, data, head_name).to(device)
+    trained = distributed.parallel_model(model)
     head = model.head
     optimizer = _optimizer(config, model.parameters())
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     loss_fn = loss_function(config.loss, scale=head.temperature or 1.0)
-    train_loader = make_loader(
-        data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed, drop_last=True
-    )
+    train_loader = training_loader(data.x_train, data.y_train, config.batch_size, seed)
     augment = _augmentation(config, data, seed)
     eval_train, eval_test = eval_loaders(data)
     done = loop.start(model, optimizer, train_loader, schedule)
     rows = loop.rows
-    bar = step_bar(config.epochs * len(train_loader), f"{head_name} seed {seed}", config.progress)
+    bar = step_bar(
+        config.epochs * len(train_loader),
+        f"{head_name} seed {seed}",
+        config.progress and distributed.is_main(),
+    )
     if augment is not None and "augment_generator" in loop.extra:
         augment.set_state(loop.extra["augment_generator"])
     transform = None if augment is None else (lambda x: crop_flip(x, augment))
@@ -221,13 +231,14 @@ def train_run(
         row: dict[str, object] = {"head": head_name, "seed": seed, "epoch": epoch}
         try:
             step_loss = train_epoch(
-                model,
+                trained,
                 train_loader,
                 optimizer,
                 loss_fn,
                 bar.update,
                 targets_to_model=True,
                 transform=transform,
+                epoch=epoch,
             )
             if loop.diverged(epoch, step_loss):
                 break
@@ -266,6 +277,7 @@ def train_run(
     if (
         loop.divergence is None
         and network_dir is not None
+        and distributed.is_main()
         and config.save_networks
         and config.model == "mlp"
         and head.temperature is None
@@ -460,9 +472,17 @@ def main(args: argparse.Namespace) -> None:
     data = load_training_data(config)
     check_config(config, data)
     default = default_out_dir("train", f"{Path(args.dataset).name}-{args.model}")
-    with open_run(args, "train", {"config": asdict(config)}, default) as run:
-        runs = RunSeries(run, lambda rows: write_metrics(rows, config, run.path))
+    settings = {"config": asdict(config)}
+    with (
+        distributed.session(config.device),
+        open_training_run(args, "train", settings, default) as run,
+    ):
+        main_rank = distributed.is_main()
+        write = (lambda rows: write_metrics(rows, config, run.path)) if main_rank else None
+        runs = RunSeries(run, write)
         rows = train_all(config, data, runs)
+        if not main_rank:
+            return
         paths = write_results(rows, config, run.path)
         text = summarise(rows, config.heads, args.thresholds)
         paths["txt"] = run.path / "summary.txt"

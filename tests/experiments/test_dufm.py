@@ -203,12 +203,13 @@ def test_bad_arguments_get_clear_errors():
 
 def test_ray_executor_without_ray_is_a_clear_error():
     try:
-        import ray  # noqa: F401
+        import ray
     except ImportError:
         with pytest.raises(ValueError, match="ray"):
             list(map_unordered(abs, [1, -2], executor="ray"))
     else:
         assert sorted(map_unordered(abs, [1, -2], executor="ray", workers=1)) == [1, 2]
+        ray.shutdown()  # the local instance this started
     with pytest.raises(ValueError, match="executor"):
         list(map_unordered(abs, [1], executor="dask"))
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from nearest_etf.experiments._common.parallel import EXECUTORS
+
 __all__ = [
     "DATASET_HELP",
     "TrainingOptions",
@@ -100,6 +102,24 @@ def add_output_arguments(
         action="store_true",
         help="delete the files of the run directory --out before running (a non-empty --out "
         "is refused otherwise)",
+    )
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    """--executor (`parallel.EXECUTORS`) and --ray-address of the sweep commands."""
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="process",
+        help="process: a local process pool; ray: Ray tasks (pip install nearest_etf[ray]); "
+        "serial: one after the other in this process",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="with --executor ray: the running Ray cluster to use ('auto': the one this "
+        "machine belongs to; 'ray://HOST:10001': a remote head node); default: a local Ray "
+        "instance with --workers CPUs, started by the command and ended with it",
     )
 
 

@@ -216,9 +216,13 @@ class RunDirectory:
     record) and checkpoints/<key>.pt (the latest checkpoint of a run in progress).
     """
 
-    def __init__(self, path: Path, manifest: dict) -> None:
+    def __init__(self, path: Path, manifest: dict, *, writable: bool = True) -> None:
+        """A directory opened by `open`; with `writable=False` a read-only view (the other
+        ranks under torchrun): the manifest, unit records and checkpoints are read, and
+        nothing is written."""
         self.path = Path(path)
         self.manifest = manifest
+        self.writable = writable
 
     @classmethod
     def open(
@@ -318,6 +322,8 @@ class RunDirectory:
 
     def _write_manifest(self) -> None:
         self.manifest["updated"] = _now()
+        if not self.writable:
+            return
         write_json(self.path / MANIFEST, self.manifest)
 
     def update(self, **fields: object) -> None:
@@ -371,8 +377,10 @@ class RunDirectory:
         as `finished(key)` will read it back (tuples become lists), so that results computed
         now and read back after a resume are identical."""
         path = self._unit_path(key)
-        path.parent.mkdir(exist_ok=True)
         text = json.dumps(dict(record), indent=1) + "\n"
+        if not self.writable:
+            return json.loads(text)
+        path.parent.mkdir(exist_ok=True)
         write_text(path, text)
         runs = self.runs() | {key: "diverged" if diverged else "finished"}
         self.update(runs=runs)

@@ -9,6 +9,11 @@ RNG from the run's checkpoint; returns the epochs already done), `diverged` (aft
 steps: a non-finite or exploding loss or parameter ends the run, its rows so far are kept) and
 `end_epoch` (write the checkpoint). Resumed runs are bit-identical on the CPU to uninterrupted
 ones.
+
+Under torchrun (`_common.distributed`) every rank runs the same loop on its share of each
+global batch; only rank 0 writes (`open_training_run`, checkpoints, tables, networks), every
+rank reads rank 0's checkpoint to resume, and every rank evaluates on the whole evaluation sets
+(the ranks hold the same model, so they compute the same metrics without communicating).
 """
 
 from __future__ import annotations
@@ -21,16 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from nearest_etf.experiments._common import distributed
 from nearest_etf.experiments._common.runs import (
     RunDirectory,
     UserError,
     atomic_path,
     divergence,
+    open_run,
+    read_manifest,
 )
 from nearest_etf.experiments.data import DataSplits, load_dataset, make_loader
 from nearest_etf.experiments.layer_stack import layer_stack_of, save_layer_stack
@@ -45,9 +54,11 @@ __all__ = [
     "eval_loaders",
     "evaluate",
     "load_training_data",
+    "open_training_run",
     "save_network",
     "step_bar",
     "train_epoch",
+    "training_loader",
 ]
 
 Rows = list[dict[str, object]]
@@ -64,6 +75,7 @@ def train_epoch(
     *,
     targets_to_model: bool = False,
     transform: Callable[[Tensor], Tensor] | None = None,
+    epoch: int | None = None,
 ) -> float:
     """One pass over `loader` in train mode, one optimiser step per batch; the mean step loss.
     With `targets_to_model` the model is called as model(x, y) (heads that track class means);
@@ -73,7 +85,14 @@ def train_epoch(
 
     A step whose loss diverges (`runs.divergence`: non-finite or beyond the bound), or whose
     forward pass fails on non-finite parameters, ends the pass before its update: the return
-    value is then that loss (NaN for a failed forward), for `EpochLoop.diverged`."""
+    value is then that loss (NaN for a failed forward), for `EpochLoop.diverged`.
+
+    Under torchrun `model` is the `distributed.parallel_model`, `loader` the rank's
+    `training_loader` (its sampler gets `set_epoch(epoch)`), and each step's loss is the mean
+    over the ranks, so every rank returns the loss of the global batches and takes the same
+    divergence decision."""
+    if epoch is not None and isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
     model.train()
     device = next(model.parameters()).device
     total = 0.0
@@ -90,7 +109,7 @@ def train_epoch(
             if divergence(0.0, model.parameters()) is None:
                 raise
             return math.nan
-        value = loss.item()
+        value = _rank_mean(loss.detach()).item()
         if divergence(value) is not None:
             return value
         loss.backward()
@@ -99,6 +118,37 @@ def train_epoch(
         if on_step is not None:
             on_step()
     return total / len(loader)
+
+
+def _rank_mean(x: Tensor) -> Tensor:
+    """The mean of x over the ranks (x itself outside torchrun)."""
+    if not distributed.is_distributed():
+        return x
+    total = x.clone()
+    dist.all_reduce(total)
+    return total / distributed.world_size()
+
+
+def training_loader(x: Tensor, y: Tensor, batch_size: int, seed: int) -> DataLoader:
+    """The shuffled training loader of a run with `seed`, incomplete last batch dropped:
+    `make_loader` in one process, the rank's `distributed.training_loader` under torchrun
+    (`batch_size` is then the per-rank batch)."""
+    return distributed.training_loader(x, y, batch_size, seed) or make_loader(
+        x, y, batch_size, shuffle=True, seed=seed, drop_last=True
+    )
+
+
+def open_training_run(
+    args: Any, command: str, settings: Mapping[str, object], default: Path
+) -> RunDirectory:
+    """`open_run` on rank 0; under torchrun the other ranks wait for it and get a read-only
+    view of the same directory (they read finished runs and checkpoints, never write)."""
+    if not distributed.is_distributed():
+        return open_run(args, command, settings, default)
+    run = open_run(args, command, settings, default) if distributed.is_main() else None
+    # a collective: the other ranks read the directory only after rank 0 has opened it
+    path = Path(str(distributed.broadcast_object(None if run is None else str(run.path))))
+    return run if run is not None else RunDirectory(path, read_manifest(path), writable=False)
 
 
 def crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
@@ -276,7 +326,7 @@ class EpochLoop:
         if self._objects is None:
             raise RuntimeError("EpochLoop.start must be called before the epoch loop")
         self.extra = dict(extra or {})
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and distributed.is_main():
             model, optimizer, loader, scheduler = self._objects
             state = {
                 "epoch": epoch,

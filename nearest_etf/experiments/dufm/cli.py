@@ -18,6 +18,7 @@ from dataclasses import asdict
 import torch
 
 from nearest_etf.experiments._common.options import (
+    add_executor_arguments,
     add_output_arguments,
     config_from_args,
     default_out_dir,
@@ -25,7 +26,6 @@ from nearest_etf.experiments._common.options import (
     positive_float,
     positive_int,
 )
-from nearest_etf.experiments._common.parallel import EXECUTORS
 from nearest_etf.experiments._common.runs import UserError, open_run, user_errors
 from nearest_etf.experiments.dufm.analysis import DUFM_RANK_RTOL
 from nearest_etf.experiments.dufm.run import run_experiment
@@ -172,6 +172,7 @@ def _sweep(args: argparse.Namespace) -> None:
             run,
             executor=args.executor,
             workers=args.workers,
+            ray_address=args.ray_address,
             srg_layers=args.srg_layers,
             srg_r=srg_r,
             srg_wd=args.srg_wd,
@@ -203,8 +204,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_training_args(sweep, multi=True)
     sweep.add_argument("--seeds", type=positive_int, default=10, help="number of seeds per setting")
     sweep.add_argument("--seed-start", type=int, default=0)
-    sweep.add_argument("--executor", choices=EXECUTORS, default="process")
-    sweep.add_argument("--workers", type=positive_int, default=None, help="default: CPU count")
+    add_executor_arguments(sweep)
+    sweep.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="processes, or CPUs of the local Ray instance (default: CPU count)",
+    )
     sweep.add_argument("--srg-layers", type=_list_of(int), default=[3, 4, 5])
     sweep.add_argument(
         "--srg-r",

@@ -132,6 +132,7 @@ def run_sweep(
     out: Path | RunDirectory,
     executor: str = "process",
     workers: int | None = None,
+    ray_address: str | None = None,
     srg_layers: Sequence[int] = (3, 4, 5),
     srg_r: Sequence[int] = (),
     srg_wd: float = 0.004,
@@ -139,9 +140,10 @@ def run_sweep(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every configuration of ``grid`` (and the SRG ratio for ``srg_layers`` x ``srg_r`` at
-    every lambda = ``srg_wd``) in the run directory ``out`` (a path is opened as a new one),
-    writing runs.csv and srg_ratio.csv as results arrive, then sweep.json and the plots whose
-    axis varies: rank_vs_wd.png, dnc_probability_vs_width.png, srg_ratio.png.
+    every lambda = ``srg_wd``) on ``executor`` (`parallel.map_unordered`; ``ray_address``: the
+    Ray cluster, None for a local instance) in the run directory ``out`` (a path is opened as
+    a new one), writing runs.csv and srg_ratio.csv as results arrive, then sweep.json and the
+    plots whose axis varies: rank_vs_wd.png, dnc_probability_vs_width.png, srg_ratio.png.
 
     Every finished run is recorded in the run directory (keys run-<grid index>, srg-L<l>-r<r>);
     runs recorded before (a resumed sweep) are not run again. Rows are in grid order. A run
@@ -161,7 +163,10 @@ def run_sweep(
             rows[index] = record
     tasks = [(i, config, rank_rtol) for i, config in enumerate(configs) if i not in rows]
     for index, row in _collect(
-        map_unordered(_run_task, tasks, executor, workers), len(tasks), "dufm runs", progress
+        map_unordered(_run_task, tasks, executor, workers, ray_address),
+        len(tasks),
+        "dufm runs",
+        progress,
     ):
         rows[index] = run.finish(_run_key(index), row, diverged=bool(row["diverged"]))
         write_csv([rows[i] for i in sorted(rows)], run.path / "runs.csv")
@@ -174,7 +179,7 @@ def run_sweep(
         (layers, r, srg_wd) for layers in srg_layers for r in srg_r if (layers, r) not in srg_rows
     ]
     for row in _collect(
-        map_unordered(srg_ratio_row, srg_tasks, executor, workers),
+        map_unordered(srg_ratio_row, srg_tasks, executor, workers, ray_address),
         len(srg_tasks),
         "SRG references",
         progress,

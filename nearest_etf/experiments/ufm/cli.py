@@ -25,6 +25,7 @@ import torch
 from matplotlib.figure import Figure
 
 from nearest_etf.experiments._common.options import (
+    add_executor_arguments,
     add_output_arguments,
     config_from_args,
     default_out_dir,
@@ -319,6 +320,8 @@ def main(args: argparse.Namespace) -> None:
             tune_seed=args.tune_seed,
             workers=args.workers,
             progress=not args.no_progress,
+            executor=args.executor,
+            ray_address=args.ray_address,
             done=done,
             on_run=record,
         )
@@ -385,8 +388,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
     parser.add_argument(
-        "--workers", type=positive_int, default=2, help="processes (1: in this process)"
+        "--workers",
+        type=positive_int,
+        default=2,
+        help="processes, or CPUs of the local Ray instance (1 with --executor process: in this "
+        "process)",
     )
+    add_executor_arguments(parser)
     parser.add_argument(
         "--threads",
         type=positive_int,

@@ -413,13 +413,16 @@ def _run_all(
     desc: str,
     done: Mapping[Key, UFMRun],
     on_run: Callable[[UFMRun], None] | None,
+    executor: str = "process",
+    ray_address: str | None = None,
 ) -> dict[Key, UFMRun]:
     """Every run of `keys` (deduplicated): those in `done` as they are, the others trained and
-    reported to `on_run` as each finishes."""
+    reported to `on_run` as each finishes (in this process with workers=1 and the process
+    executor, else on `executor`)."""
     keys = list(dict.fromkeys(keys))
     found = {key: done[key] for key in keys if key in done}
     keys = [key for key in keys if key not in done]
-    if workers == 1:
+    if workers == 1 and executor == "process":
         bar = tqdm(keys, desc=desc, unit="run", disable=not progress)
         results: Iterable[UFMRun] = (
             run_ufm(config, m, lr, s, progress=progress) for m, lr, s in bar
@@ -427,7 +430,7 @@ def _run_all(
     else:
         tasks = [(config, m, lr, s) for m, lr, s in keys]
         results = tqdm(
-            map_unordered(_run_task, tasks, "process", workers),
+            map_unordered(_run_task, tasks, executor, workers, ray_address),
             total=len(tasks),
             desc=desc,
             unit="run",
@@ -471,17 +474,22 @@ def run_study(
     progress: bool = True,
     done: Mapping[Key, UFMRun] | None = None,
     on_run: Callable[[UFMRun], None] | None = None,
+    executor: str = "process",
+    ray_address: str | None = None,
 ) -> Study:
     """Tune each method's lr on ``tune_seed`` over ``lr_grid`` (same steps), then run every
     method over ``seeds`` at ``shared_lr`` and at its best lr. Runs in ``workers`` processes
-    (each single-threaded) or, with workers=1, in this process with a bar over the steps.
+    (each single-threaded) or, with workers=1, in this process with a bar over the steps;
+    ``executor`` "ray" runs them on Ray (a local instance with ``workers`` CPUs, or the cluster
+    at ``ray_address``), "serial" in this process without the step bar.
     Runs in ``done`` (keyed by (method, lr, seed)) are used instead of trained again; every
     newly trained run is passed to ``on_run`` when it finishes."""
     check_study(methods, seeds, lr_grid, shared_lr, tune_seed, workers)
     done = done or {}
     methods, seeds, lr_grid = list(methods), list(seeds), sorted(set(lr_grid))
     tune_keys = [(m, lr, tune_seed) for m in methods for lr in lr_grid] if len(lr_grid) > 1 else []
-    runs = _run_all(config, tune_keys, workers, progress, "lr tuning", done, on_run)
+    execution = {"executor": executor, "ray_address": ray_address}
+    runs = _run_all(config, tune_keys, workers, progress, "lr tuning", done, on_run, **execution)
     tuning = {
         m: {
             lr: selection_score(runs[(m, lr, tune_seed)], config) if tune_keys else 0.0
@@ -491,7 +499,9 @@ def run_study(
     }
     best_lr = {m: min(tuning[m], key=lambda lr, m=m: tuning[m][lr]) for m in methods}
     eval_keys = [(m, lr, s) for m in methods for lr in (shared_lr, best_lr[m]) for s in seeds]
-    runs.update(_run_all(config, eval_keys, workers, progress, "evaluation", done, on_run))
+    runs.update(
+        _run_all(config, eval_keys, workers, progress, "evaluation", done, on_run, **execution)
+    )
     return Study(config, methods, seeds, tune_seed, lr_grid, shared_lr, runs, tuning, best_lr)
 
 
