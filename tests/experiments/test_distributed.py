@@ -61,7 +61,10 @@ def test_two_ranks_equal_one_process_on_the_global_batches(
             if isinstance(value, float) and key != "seconds":
                 assert row_two[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     for key, value in one["state"].items():
-        torch.testing.assert_close(two["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        # float32 reductions in another order: the frame is a polar factor whose smallest
+        # singular direction has s ~ delta, so rounding differences grow by up to 1/(2 delta)
+        atol = 1e-4 if key in ("head.frame", "head.tracker.means") else 1e-5
+        torch.testing.assert_close(two["state"][key], value, rtol=1e-4, atol=atol, msg=key)
     # the models moved: the comparison is not between two untrained networks
     assert one["rows"][1]["train_loss"] < one["rows"][0]["train_step_loss"]
 

@@ -8,7 +8,7 @@ import pytest
 
 from nearest_etf.experiments._common.parallel import map_unordered
 from nearest_etf.experiments.dufm.sweep import SweepGrid, run_sweep
-from nearest_etf.experiments.dufm.train import TrainConfig
+from nearest_etf.experiments.dufm.train import DUFMConfig
 from nearest_etf.experiments.ufm.study import UFMConfig, run_study
 
 ray = pytest.importorskip(
@@ -28,7 +28,7 @@ def _without_time(rows: list[dict]) -> list[dict]:
 
 
 def test_dufm_sweep_on_ray_equals_the_process_executor(tmp_path: Path) -> None:
-    grid = SweepGrid(base=TrainConfig(layers=2, classes=3, width=4, steps=40), wd=[0.01, 0.03])
+    grid = SweepGrid(base=DUFMConfig(layers=2, classes=3, width=4, steps=40), wd=[0.01, 0.03])
     grid = dataclasses.replace(grid, seeds=[0, 1])
     options = {"srg_layers": [3], "srg_r": [3], "progress": False, "workers": 2}
     on_ray = run_sweep(grid, tmp_path / "ray", executor="ray", **options)
