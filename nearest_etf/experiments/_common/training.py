@@ -124,8 +124,8 @@ def evaluate(
     loader: DataLoader,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
 ) -> tuple[float, float]:
-    """(mean loss, accuracy in percent of argmax model(x)) over `loader` in eval mode without
-    gradients; the model's train/eval mode is restored afterwards."""
+    """(mean loss, accuracy of argmax model(x) as a fraction in [0, 1]) over `loader` in eval
+    mode without gradients; the model's train/eval mode is restored afterwards."""
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
@@ -140,7 +140,7 @@ def evaluate(
                 count += len(y)
     finally:
         model.train(was_training)
-    return total_loss / count, 100.0 * correct / count
+    return total_loss / count, correct / count
 
 
 def eval_loaders(data: DataSplits) -> tuple[DataLoader, DataLoader]:
@@ -167,7 +167,8 @@ def save_network(
 ) -> None:
     """Write `model` (its eval-mode function) with the training inputs of `data` as a LayerStack
     file at `path`, with meta {"source", "config": asdict(config)} and the final row's name_key,
-    seed, epoch and accuracies; the model is moved to the CPU (this ends its run)."""
+    seed, epoch and accuracies (fractions); the model is moved to the CPU (this ends its
+    run)."""
     meta: dict[str, object] = {"source": source, "config": asdict(config)}
     keys = (name_key, "seed", "epoch", "train_accuracy", "test_accuracy")
     meta |= {k: final_row[k] for k in keys}
