@@ -72,7 +72,7 @@ _METHOD_HELP = {
     "implicit": "ImplicitETFHead: the ETF nearest the class means (EMA of the means)",
     "implicit-cma": "ImplicitETFHead with the cumulative average of the means",
     "implicit-none": "ImplicitETFHead with the exact means of the step (full batch: "
-    "identical to implicit)",
+    "curves close to implicit's)",
 }
 _COMPARISON_TITLES = {"shared-lr": "one shared lr", "best-lr": "best lr per method"}
 
