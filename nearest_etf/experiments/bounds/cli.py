@@ -72,12 +72,8 @@ def _plot(rows: Sequence[dict[str, object]], path: Path, c1: float, c2: float) -
         ax.bar(x + (i - (len(BOUND_NAMES) - 1) / 2) * width, values, width, label=name)
     ax.axhline(1.0, color="k", ls=":", lw=1, label="1 (above: vacuous for a loss in [0, 1])")
     ax.set_yscale("log")
-    style_axes(
-        ax,
-        xlabel="network",
-        ylabel=f"bound (C1 = {c1:g}, C2 = {c2:g}, no log factors)",
-        legend=True,
-    )
+    style_axes(ax, xlabel="network", ylabel=f"bound (C1 = {c1:g}, C2 = {c2:g}, no log factors)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
     ax.set_xticks(x, [str(r["network"]) for r in rows], rotation=30, ha="right", fontsize=7)
     suptitle(fig, f"generalisation bounds of {len(rows)} saved network(s)")
     save_figure(fig, path)

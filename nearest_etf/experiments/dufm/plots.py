@@ -129,6 +129,8 @@ def plot_dnc_probability_vs_width(rows: Sequence[dict], path: Path, title: str) 
         ylabel="P(gradient descent finds DNC)",
         legend=True,
     )
+    widths = sorted({p[0] for _, pts in grouped for p in pts})
+    ax.set_xticks(widths, [str(w) for w in widths])  # the swept widths, not powers of 2
     return _save(fig, path, title)
 
 

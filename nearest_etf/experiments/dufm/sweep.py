@@ -188,7 +188,14 @@ def run_sweep(
     fmt = figure_format
     base = grid.base
     seeds = f"{len(grid.seeds)} seed{'s' * (len(grid.seeds) > 1)}"
-    title = f"DUFM sweep: L={base.layers}, K={base.classes}, width {base.width}; mean over {seeds}"
+    fixed = {"L": ("layers", base.layers), "K": ("classes", base.classes)}
+    fixed |= {"width": ("width", base.width), "lambda": ("wd", base.wd)}
+    settings = [
+        f"{label}={value:g}"
+        for label, (name, value) in fixed.items()
+        if len(getattr(grid, name)) <= 1
+    ]  # the swept values are on the axes
+    title = f"DUFM sweep: {', '.join(settings)}; mean over {seeds}"
     if ordered:
         write_csv(ordered, run.path / "runs.csv")
         if len({row["wd"] for row in ordered}) > 1:
