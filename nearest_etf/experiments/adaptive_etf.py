@@ -375,7 +375,9 @@ def _plot_ncc(rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, path
         )
         if j == 0:
             ax.legend(title="layer", fontsize=7, title_fontsize=7, ncol=2)
-    suptitle(fig, _title(config, "NCC accuracy per hidden layer (dotted: threshold)"))
+    suptitle(
+        fig, _title(config, "NCC accuracy per hidden layer (dotted: threshold; dashed: freezes)")
+    )
     save_figure(fig, path)
 
 
