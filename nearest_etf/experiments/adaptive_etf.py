@@ -24,8 +24,8 @@ the threshold, at the last epoch for the baseline and at the freeze for the adap
 
 Outputs in the output directory: metrics.csv / metrics.json (config, one row per method, seed
 and epoch with per-layer ``ncc_l`` and ``nc1_l``), summary.csv / summary.json (final accuracies,
-trainable parameters, effective depths, freeze epochs, run times), ncc_curves.png,
-accuracy.png, and network-<method>-seed<s>.pt per run (the trained eval-mode network as a
+trainable parameters, effective depths, freeze epochs, run times), ncc_curves.<format>,
+accuracy.<format>, and network-<method>-seed<s>.pt per run (the trained eval-mode network as a
 `LayerStack` with the training inputs, for `nearest-etf bounds`). The output directory is a run
 directory (docs/runs.md): metrics are written after every epoch, runs are checkpointed every
 epoch (the freezing rule's state included) and `--resume DIR` continues an interrupted one.
@@ -60,6 +60,7 @@ from nearest_etf.experiments._common.options import (
     nonnegative_float,
     positive_int,
 )
+from nearest_etf.experiments._common.plotting import PERCENT, line_styles, style_axes, suptitle
 from nearest_etf.experiments._common.results import (
     ACCURACY_PANELS,
     final_accuracy_summary,
@@ -294,7 +295,7 @@ def _run(
         rows.append(row)
         if rule is not None:
             pending = rule.update(ncc)
-        bar.set_postfix(test_acc=f"{row['test_accuracy']:.1f}", frozen=row["frozen_from"])
+        bar.set_postfix(test_acc=f"{row['test_accuracy']:.3f}", frozen=row["frozen_from"])
         loop.end_epoch(
             epoch,
             {
@@ -366,26 +367,37 @@ def _summary_rows(
 def _plot_ncc(rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, path: Path) -> None:
     """Per method: training NCC accuracy of every hidden layer vs epoch (mean over seeds)."""
     methods = method_names(config)
-    fig = Figure(figsize=(4 * len(methods), 3.4))
-    colours = [f"C{i % 10}" for i in range(config.depth)]
+    fig = Figure(figsize=(4.5 * len(methods), 3.8), layout="constrained")
     for j, method in enumerate(methods):
         ax = fig.add_subplot(1, len(methods), j + 1)
-        for i in range(config.depth):
-            curve = mean_curve(rows, "method", method, f"ncc_{i + 1}")
-            ax.plot(np.arange(1, len(curve) + 1), curve, colours[i], label=f"{i + 1}")
-        ax.axhline(config.threshold, color="grey", linestyle=":", linewidth=1)
+        for i, style in zip(range(config.depth), line_styles(), strict=False):
+            curve = mean_curve(rows, "method", method, f"ncc_{i + 1}") * PERCENT
+            ax.plot(np.arange(1, len(curve) + 1), curve, label=f"{i + 1}", **style)
+        ax.axhline(config.threshold * PERCENT, color="grey", linestyle=":", linewidth=1)
         for r in rows:
             if r["method"] == method and r["epoch"] == config.epochs and r["frozen_epoch"] != -1:
                 ax.axvline(int(r["frozen_epoch"]), color="k", linestyle="--", linewidth=0.8)
-        ax.set_title(method, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.set_ylim(0, 1.02)
-        ax.tick_params(labelsize=7)
+        ax.set_ylim(0, 102)
+        style_axes(
+            ax,
+            xlabel="epoch",
+            ylabel="train NCC accuracy [%]",
+            title=method,
+            integer_x=True,
+        )
         if j == 0:
-            ax.set_ylabel("train NCC accuracy", fontsize=8)
             ax.legend(title="layer", fontsize=7, title_fontsize=7, ncol=2)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=90)
+    suptitle(
+        fig, _title(config, "NCC accuracy per hidden layer (dotted: threshold; dashed: freezes)")
+    )
+    save_figure(fig, path)
+
+
+def _title(config: AdaptiveETFConfig, what: str) -> str:
+    return (
+        f"adaptive-etf on {Path(config.dataset).name}: {what}; depth {config.depth}, "
+        f"width {config.width}, mean over {config.seeds} seeds"
+    )
 
 
 def write_metrics(
@@ -397,19 +409,24 @@ def write_metrics(
 
 
 def write_results(
-    rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, out_dir: Path
+    rows: Sequence[dict[str, object]],
+    config: AdaptiveETFConfig,
+    out_dir: Path,
+    figure_format: str = "png",
 ) -> dict[str, Path]:
-    """metrics.csv/json, summary.csv/json, ncc_curves.png and accuracy.png into out_dir."""
+    """metrics.csv/json, summary.csv/json, ncc_curves and accuracy figures (in
+    `figure_format`) into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = write_metrics_and_summary(config, rows, _summary_rows(rows, config), out_dir)
-    paths |= {name: out_dir / name for name in ("ncc_curves.png", "accuracy.png")}
-    _plot_ncc(rows, config, paths["ncc_curves.png"])
+    paths |= {name: out_dir / f"{name}.{figure_format}" for name in ("ncc_curves", "accuracy")}
+    _plot_ncc(rows, config, paths["ncc_curves"])
     plot_mean_curves(
         rows,
         "method",
         {m: m for m in method_names(config)},
-        (*ACCURACY_PANELS, ("trainable_params", "trainable parameters")),
-        paths["accuracy.png"],
+        (*ACCURACY_PANELS, ("trainable_params", "trainable parameters", 1.0)),
+        paths["accuracy"],
+        _title(config, "accuracy"),
     )
     return paths
 
@@ -431,8 +448,9 @@ def format_summary(summary: Sequence[dict[str, object]]) -> str:
         )
         lines.append(
             f"{s['method']:<20}"
-            f"{s['test_accuracy_mean']:>9.2f} +- {s['test_accuracy_std']:<4.2f}"
-            f"{s['train_accuracy_mean']:>9.2f} +- {s['train_accuracy_std']:<4.2f}"
+            f"{PERCENT * s['test_accuracy_mean']:>9.2f} +- {PERCENT * s['test_accuracy_std']:<4.2f}"
+            f"{PERCENT * s['train_accuracy_mean']:>9.2f} +- "
+            f"{PERCENT * s['train_accuracy_std']:<4.2f}"
             f"{s['trainable_params']:>11.0f}{depth:>12}{frozen:>12}"
             f"{s['seconds_per_run']:>8.1f}"
         )
@@ -460,7 +478,7 @@ def main(args: argparse.Namespace) -> None:
         rows = run_adaptive_etf(config, data, runs)
         if not main_rank:
             return
-        paths = write_results(rows, config, run.path)
+        paths = write_results(rows, config, run.path, args.format)
     print(format_summary(_summary_rows(rows, config)))
     if runs.diverged:
         print(runs.report())

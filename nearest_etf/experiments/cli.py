@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from nearest_etf.experiments import adaptive_etf, demo, dufm, etf_transformer, train
+from nearest_etf.experiments._common.options import show_defaults
 from nearest_etf.experiments._common.runs import UserError, resumed_argv
 from nearest_etf.experiments.bounds import cli as bounds_cli
 from nearest_etf.experiments.ufm import cli as ufm_cli
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in _COMMANDS:
         module.add_parser(subparsers)
+    for subparser in subparsers.choices.values():
+        show_defaults(subparser)
     return parser
 
 

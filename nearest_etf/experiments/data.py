@@ -22,6 +22,7 @@ import gzip
 import pickle
 import random
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,10 +30,11 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "BalancedBatchSampler",
     "CifarUnpickler",
     "DataSplits",
     "gaussian_mixture",
@@ -357,16 +359,63 @@ def load_dataset(name: str, seed: int = 0) -> DataSplits:
     return load_cifar10(directory)
 
 
+class BalancedBatchSampler(Sampler[list[int]]):
+    """Stratified batches of `batch_size` indices: in each epoch every class's samples are
+    shuffled (by `generator`) and spread evenly over the epoch, so every batch holds about
+    batch_size * n_k / N samples of class k (n_k of the N samples have label k). The incomplete
+    last batch is dropped."""
+
+    def __init__(self, labels: Tensor, batch_size: int, generator: torch.Generator) -> None:
+        if len(labels) < batch_size:
+            raise ValueError(f"{len(labels)} samples < batch size {batch_size}")
+        self.labels = labels.cpu()
+        self.batch_size = batch_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # sample i of class k at rank r_i in a random order of class k gets the position
+        # (r_i + u_i) / n_k in [0, 1) (u_i uniform): sorted by position, the classes interleave
+        # in proportion to their sizes
+        n = len(self.labels)
+        position = torch.empty(n, dtype=torch.float64)
+        jitter = torch.rand(n, generator=self.generator, dtype=torch.float64)
+        for k in torch.unique(self.labels):
+            members = torch.nonzero(self.labels == k).flatten()
+            order = members[torch.randperm(len(members), generator=self.generator)]
+            rank = torch.arange(len(members), dtype=torch.float64)
+            position[order] = (rank + jitter[order]) / len(members)
+        order = torch.argsort(position).tolist()
+        for b in range(len(self)):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+
+
 def make_loader(
-    x: Tensor, y: Tensor, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    drop_last: bool = False,
+    balanced: bool = False,
 ) -> DataLoader:
-    """A DataLoader over (x, y), shuffled by a generator seeded with `seed` (reproducible)."""
+    """A DataLoader over (x, y), shuffled by a generator seeded with `seed` (reproducible).
+    With `balanced` (needs `shuffle`; the last incomplete batch is dropped) the batches are
+    stratified by class (`BalancedBatchSampler`, from the same generator)."""
     if drop_last and len(x) < batch_size:
         raise ValueError(
             f"{len(x)} samples < batch size {batch_size}: with the incomplete last batch "
             "dropped there is no batch to train on"
         )
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    if balanced:
+        if generator is None:
+            raise ValueError("balanced batches need shuffle=True")
+        sampler = BalancedBatchSampler(y, batch_size, generator)
+        return DataLoader(TensorDataset(x, y), batch_sampler=sampler, generator=generator)
     return DataLoader(
         TensorDataset(x, y),
         batch_size=batch_size,

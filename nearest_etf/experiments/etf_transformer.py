@@ -13,7 +13,7 @@ with AdamW and cross-entropy.
 
 Outputs in the output directory: metrics.csv / metrics.json (one row per variant, seed and
 epoch), summary.csv / summary.json (final accuracies, trainable parameters, seconds per run) and
-accuracy.png. The output directory is a run directory (docs/runs.md): metrics are written after
+accuracy.<format>. The output directory is a run directory (docs/runs.md): metrics are written after
 every epoch, runs are checkpointed every epoch and `--resume DIR` continues an interrupted one.
 """
 
@@ -38,6 +38,7 @@ from nearest_etf.experiments._common.options import (
     default_out_dir,
     positive_int,
 )
+from nearest_etf.experiments._common.plotting import PERCENT
 from nearest_etf.experiments._common.results import (
     ACCURACY_PANELS,
     final_accuracy_summary,
@@ -211,7 +212,7 @@ def _run(
             "seconds": loop.seconds(),
         }
         rows.append(row)
-        bar.set_postfix(test_acc=f"{row['test_accuracy']:.1f}")
+        bar.set_postfix(test_acc=f"{row['test_accuracy']:.3f}")
         loop.end_epoch(epoch)
     bar.close()
     return rows
@@ -263,8 +264,9 @@ def format_summary(summary: Sequence[dict[str, object]]) -> str:
             continue
         lines.append(
             f"{s['variant']:<16}"
-            f"{s['test_accuracy_mean']:>9.2f} +- {s['test_accuracy_std']:<4.2f}"
-            f"{s['train_accuracy_mean']:>9.2f} +- {s['train_accuracy_std']:<4.2f}"
+            f"{PERCENT * s['test_accuracy_mean']:>9.2f} +- {PERCENT * s['test_accuracy_std']:<4.2f}"
+            f"{PERCENT * s['train_accuracy_mean']:>9.2f} +- "
+            f"{PERCENT * s['train_accuracy_std']:<4.2f}"
             f"{s['trainable_params']:>11}{s['total_params']:>9}{s['seconds_per_run']:>8.1f}"
         )
     return "\n".join(lines)
@@ -279,18 +281,25 @@ def write_metrics(
 
 
 def write_results(
-    rows: Sequence[dict[str, object]], config: ETFTransformerConfig, out_dir: Path
+    rows: Sequence[dict[str, object]],
+    config: ETFTransformerConfig,
+    out_dir: Path,
+    figure_format: str = "png",
 ) -> dict[str, Path]:
-    """metrics.csv/json, summary.csv/json and accuracy.png into out_dir."""
+    """metrics.csv/json, summary.csv/json and the accuracy figure (in `figure_format`) into
+    out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = _summary_rows(rows, config)
     paths = write_metrics_and_summary(config, rows, summary, out_dir)
-    paths["accuracy.png"] = out_dir / "accuracy.png"
+    paths["accuracy"] = out_dir / f"accuracy.{figure_format}"
     labels = {
         str(s["variant"]): f"{s['variant']} ({s.get('trainable_params', '-')} trainable)"
         for s in summary
     }
-    plot_mean_curves(rows, "variant", labels, ACCURACY_PANELS, paths["accuracy.png"])
+    title = (
+        f"etf-transformer on {Path(config.dataset).name}: accuracy, mean over {config.seeds} seeds"
+    )
+    plot_mean_curves(rows, "variant", labels, ACCURACY_PANELS, paths["accuracy"], title)
     return paths
 
 
@@ -311,7 +320,7 @@ def main(args: argparse.Namespace) -> None:
         rows = run_etf_transformer(config, data, runs)
         if not main_rank:
             return
-        paths = write_results(rows, config, run.path)
+        paths = write_results(rows, config, run.path, args.format)
     print(format_summary(_summary_rows(rows, config)))
     if runs.diverged:
         print(runs.report())

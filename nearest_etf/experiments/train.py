@@ -54,6 +54,12 @@ from nearest_etf.experiments._common.options import (
     nonnegative_float,
     positive_int,
 )
+from nearest_etf.experiments._common.plotting import (
+    PERCENT,
+    line_styles,
+    style_axes,
+    suptitle,
+)
 from nearest_etf.experiments._common.results import save_figure, write_csv
 from nearest_etf.experiments._common.runs import UserError, write_json, write_text
 from nearest_etf.experiments._common.training import (
@@ -92,20 +98,21 @@ OPTIMIZERS = ("sgd", "adam")
 # TrainConfig.temperature: "default" builds each head with its own default temperature.
 HEAD_DEFAULT = "default"
 THRESHOLD_KEYS = ("train_error", "nc1", "nc2_means", "nc2_classifier", "nc3", "ncc_mismatch")
-DEFAULT_THRESHOLDS = {"train_error": 1.0, "nc1": 0.5, "nc2_means": 0.5, "nc3": 0.3}
+DEFAULT_THRESHOLDS = {"train_error": 0.01, "nc1": 0.5, "nc2_means": 0.5, "nc3": 0.3}
+# (row key, axis label, display factor): rates are stored as fractions and shown in percent
 PLOTTED = (
-    ("train_loss", "train loss"),
-    ("train_accuracy", "train accuracy [%]"),
-    ("test_accuracy", "test accuracy [%]"),
-    ("nc1", "NC1 tr(Sw Sb+)/K"),
-    ("nc2_means", "NC2 means (Gram to ETF)"),
-    ("nc2_classifier", "NC2 classifier"),
-    ("nc3", "NC3 self-duality"),
-    ("ncc_mismatch", "NCC mismatch [%]"),
-    ("nearest_etf_distance", "means to nearest ETF"),
-    ("cosine_margin", "average cosine margin"),
-    ("equinorm_means", "equinorm of means"),
-    ("bias_collapse", "||W mu_G + b||"),
+    ("train_loss", "train loss", 1.0),
+    ("train_accuracy", "train accuracy [%]", PERCENT),
+    ("test_accuracy", "test accuracy [%]", PERCENT),
+    ("nc1", "NC1 tr(Sw Sb+)/K", 1.0),
+    ("nc2_means", "NC2 means (Gram to ETF)", 1.0),
+    ("nc2_classifier", "NC2 classifier", 1.0),
+    ("nc3", "NC3 self-duality", 1.0),
+    ("ncc_mismatch", "NCC mismatch [%]", PERCENT),
+    ("nearest_etf_distance", "means to nearest ETF", 1.0),
+    ("cosine_margin", "average cosine margin", 1.0),
+    ("equinorm_means", "equinorm of means (std/mean)", 1.0),
+    ("bias_collapse", "||W mu_G + b||", 1.0),
 )
 
 
@@ -125,6 +132,8 @@ class TrainConfig(TrainingOptions):
     delta: float = 1e-3
     average: str = "ema"
     augment: bool = False
+    normalize_rows: bool = False
+    balanced_batches: bool = False
     save_networks: bool = True
     head_options: dict[str, dict[str, object]] = field(default_factory=dict)
 
@@ -144,6 +153,8 @@ def _head_options(config: TrainConfig, name: str) -> dict[str, object]:
         options["temperature"] = config.temperature
     if name == "implicit":
         options |= {"delta": config.delta, "average": config.average}
+    if name == "learned" and config.normalize_rows:
+        options["normalize_rows"] = True
     return options | config.head_options.get(name, {})
 
 
@@ -213,7 +224,9 @@ def train_run(
     optimizer = _optimizer(config, model.parameters())
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     loss_fn = loss_function(config.loss, scale=head.temperature or 1.0)
-    train_loader = training_loader(data.x_train, data.y_train, config.batch_size, seed)
+    train_loader = training_loader(
+        data.x_train, data.y_train, config.batch_size, seed, balanced=config.balanced_batches
+    )
     augment = _augmentation(config, data, seed)
     eval_train, eval_test = eval_loaders(data)
     done = loop.start(model, optimizer, train_loader, schedule)
@@ -262,7 +275,7 @@ def train_run(
             **metrics,
         }
         rows.append(row)
-        bar.set_postfix(test_acc=f"{test_accuracy:.1f}", nc1=f"{metrics['nc1']:.3g}")
+        bar.set_postfix(test_acc=f"{test_accuracy:.3f}", nc1=f"{metrics['nc1']:.3g}")
         loop.end_epoch(
             epoch, None if augment is None else {"augment_generator": augment.get_state()}
         )
@@ -306,41 +319,43 @@ def train_all(
     return runs.rows
 
 
-def _plot(rows: Sequence[dict[str, object]], heads: Sequence[str], path: Path) -> None:
+def _plot(rows: Sequence[dict[str, object]], config: TrainConfig, path: Path) -> None:
     """One panel per metric: mean over seeds vs epoch per head, min-max band (runs that
     did not diverge only)."""
     diverged = {(r["head"], r["seed"]) for r in rows if r["status"] != "ok"}
     rows = [r for r in rows if (r["head"], r["seed"]) not in diverged]
     cols = 4
-    fig = Figure(figsize=(4 * cols, 3 * math.ceil(len(PLOTTED) / cols)))
-    for i, (key, title) in enumerate(PLOTTED):
+    fig = Figure(figsize=(4 * cols, 3.2 * math.ceil(len(PLOTTED) / cols)), layout="constrained")
+    for i, (key, label, factor) in enumerate(PLOTTED):
         ax = fig.add_subplot(math.ceil(len(PLOTTED) / cols), cols, i + 1)
-        for head in heads:
+        for head, style in zip(config.heads, line_styles(), strict=False):
             mine = [r for r in rows if r["head"] == head]
             epochs = sorted({int(r["epoch"]) for r in mine})
             # seeds per epoch (a diverged run ends early); all-NaN epochs are not drawn
-            values = [np.array([float(r[key]) for r in mine if r["epoch"] == e]) for e in epochs]
+            values = [
+                factor * np.array([float(r[key]) for r in mine if r["epoch"] == e]) for e in epochs
+            ]
             keep = [i for i, v in enumerate(values) if not np.isnan(v).all()]
             if not keep:
                 continue
             x = [epochs[i] for i in keep]
-            (line,) = ax.plot(x, [np.nanmean(values[i]) for i in keep], label=head)
+            ax.plot(x, [np.nanmean(values[i]) for i in keep], label=head, **style)
             ax.fill_between(
                 x,
                 [np.nanmin(values[i]) for i in keep],
                 [np.nanmax(values[i]) for i in keep],
-                color=line.get_color(),
+                color=style["color"],
                 alpha=0.2,
             )
         if key in ("nc1", "bias_collapse") and ax.has_data():
             ax.set_yscale("log")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.tick_params(labelsize=7)
-        if i == 0 and ax.has_data():
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=80)
+        style_axes(ax, xlabel="epoch", ylabel=label, integer_x=True, legend=i == 0)
+    suptitle(
+        fig,
+        f"train: {config.model} on {Path(config.dataset).name}, {config.epochs} epochs; "
+        f"mean over {config.seeds} seeds, band min-max",
+    )
+    save_figure(fig, path)
 
 
 def write_metrics(
@@ -354,19 +369,23 @@ def write_metrics(
 
 
 def write_results(
-    rows: Sequence[dict[str, object]], config: TrainConfig, out_dir: Path
+    rows: Sequence[dict[str, object]],
+    config: TrainConfig,
+    out_dir: Path,
+    figure_format: str = "png",
 ) -> dict[str, Path]:
-    """Write metrics.csv, metrics.json (config + rows) and comparison.png into out_dir."""
+    """Write metrics.csv, metrics.json (config + rows) and the figure comparison.<format>
+    into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = write_metrics(rows, config, out_dir)
-    paths["png"] = out_dir / "comparison.png"
-    _plot(rows, config.heads, paths["png"])
+    paths["figure"] = out_dir / f"comparison.{figure_format}"
+    _plot(rows, config, paths["figure"])
     return paths
 
 
 def _value(row: dict[str, object], key: str) -> float:
     if key == "train_error":
-        return 100.0 - float(row["train_accuracy"])  # type: ignore[arg-type]
+        return 1.0 - float(row["train_accuracy"])  # type: ignore[arg-type]
     return float(row[key])  # type: ignore[arg-type]
 
 
@@ -386,7 +405,7 @@ def summarise(
        of the test and train accuracy, NC1, NC2 (means), NC3, NCC mismatch, and the test
        accuracy's min and max.
     2. Per head and metric of `thresholds` (default DEFAULT_THRESHOLDS; keys: row metrics or
-       "train_error" = 100 - train accuracy, in %): the first epoch with metric <= threshold,
+       "train_error" = 1 - train accuracy, a fraction): the first epoch with metric <= threshold,
        as the median over the seeds that reach it, [min, max] and how many seeds reach it.
     3. One line per diverged run with its reason.
     """
@@ -467,8 +486,7 @@ def main(args: argparse.Namespace) -> None:
         write_text(args.summarise.parent / "summary.txt", text + "\n")
         print(text)
         return
-    heads = tuple(HEADS) if args.head == "all" else (args.head,)
-    config = config_from_args(TrainConfig, args, heads=heads, widths=tuple(args.widths))
+    config = config_from_args(TrainConfig, args, heads=args.head, widths=tuple(args.widths))
     data = load_training_data(config)
     check_config(config, data)
     default = default_out_dir("train", f"{Path(args.dataset).name}-{args.model}")
@@ -483,7 +501,7 @@ def main(args: argparse.Namespace) -> None:
         rows = train_all(config, data, runs)
         if not main_rank:
             return
-        paths = write_results(rows, config, run.path)
+        paths = write_results(rows, config, run.path, args.format)
         text = summarise(rows, config.heads, args.thresholds)
         paths["txt"] = run.path / "summary.txt"
         write_text(paths["txt"], text + "\n")
@@ -491,6 +509,21 @@ def main(args: argparse.Namespace) -> None:
     if runs.diverged:
         print(runs.report())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _heads(text: str) -> tuple[str, ...]:
+    """argparse type of --head: a comma list of HEADS, or 'all'."""
+    if text == "all":
+        return tuple(HEADS)
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in HEADS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown head(s) {', '.join(unknown)!s}; choose from {', '.join(HEADS)} or 'all'"
+        )
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a head is named twice in {text!r}")
+    return names
 
 
 def _temperature(text: str) -> float | str | None:
@@ -517,7 +550,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_data_arguments(parser, d, DATASET_HELP + " or CIFAR-10 python batches")
     parser.add_argument("--model", choices=MODELS, default=d.model)
-    parser.add_argument("--head", choices=(*HEADS, "all"), default="all")
+    parser.add_argument(
+        "--head",
+        type=_heads,
+        default=",".join(d.heads),
+        help=f"comma-separated heads of {', '.join(HEADS)}, or 'all'",
+    )
     add_optimisation_arguments(parser, d)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     parser.add_argument(
@@ -553,6 +591,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="random crop (4-pixel zero padding) and horizontal flip of training images",
     )
+    parser.add_argument(
+        "--normalize-rows",
+        action="store_true",
+        help="learned head: classifier rows normalised to unit norm (LearnedHead(normalize_rows))",
+    )
+    parser.add_argument(
+        "--balanced-batches",
+        action="store_true",
+        help="class-stratified training batches (about batch_size/K samples per class, as the "
+        "paper's reference code) instead of uniformly shuffled ones",
+    )
     add_run_arguments(parser, d, device_help="cpu, cuda, cuda:1, ...", threads=False, networks=True)
     parser.add_argument(
         "--thresholds",
@@ -560,7 +609,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="collapse thresholds of the summary, key=value,... (keys: "
         + ", ".join(THRESHOLD_KEYS)
-        + "; train_error in %%; default: "
+        + "; train_error = 1 - train accuracy, a fraction; default: "
         + ",".join(f"{k}={v:g}" for k, v in DEFAULT_THRESHOLDS.items())
         + ")",
     )

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from nearest_etf.experiments._common.parallel import EXECUTORS
+from nearest_etf.experiments._common.plotting import FORMATS
 
 __all__ = [
     "DATASET_HELP",
+    "HelpFormatter",
     "TrainingOptions",
     "add_data_arguments",
     "add_optimisation_arguments",
@@ -30,11 +32,32 @@ __all__ = [
     "nonnegative_float",
     "positive_float",
     "positive_int",
+    "show_defaults",
 ]
 
 DATASET_HELP = "mnist1d | digits | gaussian | a directory of MNIST/Fashion-MNIST IDX files"
 
 ConfigT = TypeVar("ConfigT")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The help formatter of every sub-command: each option's help shows its default
+    (`show_defaults`)."""
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Make `parser`'s --help show every option's default: `HelpFormatter`, and options
+    without a help text get one naming the default (argparse prints defaults only after a
+    help text); the same for its sub-commands' parsers."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                show_defaults(subparser)
+        elif action.help is None and action.default is not argparse.SUPPRESS:
+            action.help = "default: %(default)s"
+
+
 _NEGATED_FLAGS = {"progress": "no_progress", "save_networks": "no_networks"}  # field: flag
 
 
@@ -87,9 +110,16 @@ def nonnegative_float(text: str) -> float:
 def add_output_arguments(
     parser: argparse.ArgumentParser, out_help: str = "output directory"
 ) -> None:
-    """--out DIR, --resume DIR and --overwrite: the output-directory policy of every command
-    that writes a run directory (`runs.RunDirectory.open`, docs/runs.md)."""
+    """--out DIR, --format (of the figures), --resume DIR and --overwrite: the output-directory
+    policy of every command that writes a run directory (`runs.RunDirectory.open`,
+    docs/runs.md)."""
     parser.add_argument("--out", type=Path, default=None, help=out_help)
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="png",
+        help="file format of the figures (pdf and svg are vector graphics, for papers)",
+    )
     parser.add_argument(
         "--resume",
         type=Path,

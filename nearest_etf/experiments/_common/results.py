@@ -13,6 +13,13 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from nearest_etf.experiments._common.plotting import (
+    DPI,
+    PERCENT,
+    line_styles,
+    style_axes,
+    suptitle,
+)
 from nearest_etf.experiments._common.runs import atomic_path, write_json
 
 __all__ = [
@@ -25,7 +32,11 @@ __all__ = [
     "write_metrics_and_summary",
 ]
 
-ACCURACY_PANELS = (("train_accuracy", "train accuracy [%]"), ("test_accuracy", "test accuracy [%]"))
+# (key, axis label, display factor): accuracies are stored as fractions, shown in percent
+ACCURACY_PANELS = (
+    ("train_accuracy", "train accuracy [%]", PERCENT),
+    ("test_accuracy", "test accuracy [%]", PERCENT),
+)
 
 
 def write_csv(rows: Sequence[Mapping[str, object]], path: Path) -> None:
@@ -40,10 +51,11 @@ def write_csv(rows: Sequence[Mapping[str, object]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def save_figure(fig: Figure, path: Path, dpi: int = 80) -> Path:
-    """Save `fig` as a PNG at `path` (atomically); returns `path`."""
+def save_figure(fig: Figure, path: Path, dpi: int = DPI) -> Path:
+    """Save `fig` at `path` (atomically) in the format its suffix names (png, pdf or svg;
+    `plotting.FORMATS`); returns `path`."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".").lower())
     return path
 
 
@@ -68,7 +80,7 @@ def write_metrics_and_summary(
 
 def final_accuracy_summary(final: Sequence[Mapping[str, object]]) -> dict[str, float]:
     """Over the final-epoch rows of one method (one per seed): mean and std of test_accuracy and
-    train_accuracy, and the mean of seconds (per run)."""
+    train_accuracy (fractions, like the rows), and the mean of seconds (per run)."""
     summary = {}
     for key in ("test_accuracy", "train_accuracy"):
         values = np.array([float(r[key]) for r in final])
@@ -89,21 +101,19 @@ def plot_mean_curves(
     rows: Sequence[Mapping[str, object]],
     by: str,
     labels: Mapping[str, str],
-    panels: Sequence[tuple[str, str]],
+    panels: Sequence[tuple[str, str, float]],
     path: Path,
+    title: str,
 ) -> None:
-    """One panel per (key, title) in `panels`: `mean_curve` vs epoch of every name in `labels`
-    (legend text labels[name]); saved as a PNG at `path`."""
-    fig = Figure(figsize=(4 * len(panels), 3.4))
-    for j, (key, title) in enumerate(panels):
+    """One panel per (key, axis label, display factor) in `panels`: `mean_curve` times the
+    factor vs epoch of every name in `labels` (legend text labels[name]); the figure titled
+    `title` (what was run) and saved at `path` (format from its suffix)."""
+    fig = Figure(figsize=(4.5 * len(panels), 3.8), layout="constrained")
+    for j, (key, label, factor) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), j + 1)
-        for name, label in labels.items():
-            curve = mean_curve(rows, by, name, key)
-            ax.plot(np.arange(1, len(curve) + 1), curve, label=label)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.tick_params(labelsize=7)
-        if j == 0:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=90)
+        for (name, text), style in zip(labels.items(), line_styles(), strict=False):
+            curve = mean_curve(rows, by, name, key) * factor
+            ax.plot(np.arange(1, len(curve) + 1), curve, label=text, **style)
+        style_axes(ax, xlabel="epoch", ylabel=label, integer_x=True, legend=True)
+    suptitle(fig, title)
+    save_figure(fig, path)

@@ -129,13 +129,20 @@ def _rank_mean(x: Tensor) -> Tensor:
     return total / distributed.world_size()
 
 
-def training_loader(x: Tensor, y: Tensor, batch_size: int, seed: int) -> DataLoader:
+def training_loader(
+    x: Tensor, y: Tensor, batch_size: int, seed: int, *, balanced: bool = False
+) -> DataLoader:
     """The shuffled training loader of a run with `seed`, incomplete last batch dropped:
-    `make_loader` in one process, the rank's `distributed.training_loader` under torchrun
-    (`batch_size` is then the per-rank batch)."""
-    return distributed.training_loader(x, y, batch_size, seed) or make_loader(
-        x, y, batch_size, shuffle=True, seed=seed, drop_last=True
-    )
+    `make_loader` in one process (class-stratified batches with `balanced`), the rank's
+    `distributed.training_loader` under torchrun (`batch_size` is then the per-rank batch;
+    `balanced` is not supported there: `UserError`)."""
+    if distributed.is_distributed():
+        if balanced:
+            raise UserError("--balanced-batches is not supported under torchrun")
+        loader = distributed.training_loader(x, y, batch_size, seed)
+        assert loader is not None
+        return loader
+    return make_loader(x, y, batch_size, shuffle=True, seed=seed, drop_last=True, balanced=balanced)
 
 
 def open_training_run(
@@ -174,8 +181,8 @@ def evaluate(
     loader: DataLoader,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
 ) -> tuple[float, float]:
-    """(mean loss, accuracy in percent of argmax model(x)) over `loader` in eval mode without
-    gradients; the model's train/eval mode is restored afterwards."""
+    """(mean loss, accuracy of argmax model(x) as a fraction in [0, 1]) over `loader` in eval
+    mode without gradients; the model's train/eval mode is restored afterwards."""
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
@@ -190,7 +197,7 @@ def evaluate(
                 count += len(y)
     finally:
         model.train(was_training)
-    return total_loss / count, 100.0 * correct / count
+    return total_loss / count, correct / count
 
 
 def eval_loaders(data: DataSplits) -> tuple[DataLoader, DataLoader]:
@@ -217,7 +224,8 @@ def save_network(
 ) -> None:
     """Write `model` (its eval-mode function) with the training inputs of `data` as a LayerStack
     file at `path`, with meta {"source", "config": asdict(config)} and the final row's name_key,
-    seed, epoch and accuracies; the model is moved to the CPU (this ends its run)."""
+    seed, epoch and accuracies (fractions); the model is moved to the CPU (this ends its
+    run)."""
     meta: dict[str, object] = {"source": source, "config": asdict(config)}
     keys = (name_key, "seed", "epoch", "train_accuracy", "test_accuracy")
     meta |= {k: final_row[k] for k in keys}

@@ -4,7 +4,8 @@ PATH is a ``network*.pt`` file (a `LayerStack` written by `nearest-etf train`, `
 run` or any experiment using `save_layer_stack`) or a directory searched recursively for them.
 Written into the directory (a file's parent): ``bounds.json`` (settings, and per network its
 meta, totals and per-layer rows), ``bounds.csv`` (one row per network), ``bounds_layers.csv``
-(one row per network and layer) and ``bounds.png`` (every bound per network, log scale). For a
+(one row per network and layer) and ``bounds.png`` (every bound per network, log scale;
+``--format`` pdf or svg for vector graphics). For a
 single file the names carry its stem, ``bounds-<stem>.json`` etc., so that a directory's
 summary is not overwritten.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from nearest_etf.experiments._common.plotting import FORMATS, PERCENT, style_axes, suptitle
 from nearest_etf.experiments._common.results import save_figure, write_csv
 from nearest_etf.experiments._common.runs import UserError, write_json
 from nearest_etf.experiments.bounds.generalisation import (
@@ -61,19 +63,20 @@ def _summary_row(name: str, meta: dict, result: BoundsResult) -> dict[str, objec
 
 
 def _plot(rows: Sequence[dict[str, object]], path: Path, c1: float, c2: float) -> None:
-    fig = Figure(figsize=(max(6.0, 1.2 * len(rows) + 2), 4))
+    fig = Figure(figsize=(max(6.5, 1.2 * len(rows) + 2), 4.8), layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(len(rows))
     width = 0.8 / len(BOUND_NAMES)
     for i, name in enumerate(BOUND_NAMES):
         values = [float(r[name]) for r in rows]
         ax.bar(x + (i - (len(BOUND_NAMES) - 1) / 2) * width, values, width, label=name)
+    ax.axhline(1.0, color="k", ls=":", lw=1, label="1 (above: vacuous for a loss in [0, 1])")
     ax.set_yscale("log")
+    style_axes(ax, xlabel="network", ylabel=f"bound (C1 = {c1:g}, C2 = {c2:g}, no log factors)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
     ax.set_xticks(x, [str(r["network"]) for r in rows], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(f"bound (C1 = {c1:g}, C2 = {c2:g}, no log factors)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=80)
+    suptitle(fig, f"generalisation bounds of {len(rows)} saved network(s)")
+    save_figure(fig, path)
 
 
 def bounds_of_run(
@@ -83,9 +86,11 @@ def bounds_of_run(
     loss_lipschitz: float = 1.0,
     c1: float = 1.0,
     c2: float = 1.0,
+    figure_format: str = "png",
 ) -> tuple[list[dict[str, object]], dict[str, Path]]:
     """Bounds of every network under `path`; (summary rows, written file paths). The files are
-    bounds.* for a directory and bounds-<stem>.* for a single network file (module docstring)."""
+    bounds.* for a directory and bounds-<stem>.* for a single network file (module docstring),
+    the figure in `figure_format`."""
     out_dir, files = network_files(path)
     rows: list[dict[str, object]] = []
     networks: list[dict] = []
@@ -109,23 +114,45 @@ def bounds_of_run(
         "json": out_dir / f"{stem}.json",
         "csv": out_dir / f"{stem}.csv",
         "layers_csv": out_dir / f"{stem}_layers.csv",
-        "png": out_dir / f"{stem}.png",
+        "figure": out_dir / f"{stem}.{figure_format}",
     }
     settings = networks[0]["settings"] | {"biases": "per network, see networks[].settings"}
     write_json(paths["json"], {"settings": settings, "networks": networks})
     write_csv(rows, paths["csv"])
     write_csv(layer_rows, paths["layers_csv"])
-    _plot(rows, paths["png"], c1, c2)
+    _plot(rows, paths["figure"], c1, c2)
     return rows, paths
 
 
 def format_table(rows: Sequence[dict[str, object]]) -> str:
-    """The summary rows as a fixed-width text table."""
-    columns = ("network", "test_accuracy", "found_dnc", "ranks", *BOUND_NAMES)
-    cells = [[_cell(row[c]) for c in columns] for row in rows]
+    """The summary rows as a fixed-width text table (test accuracy in percent, "-" where a
+    network's meta has no value), with notes on what is not applicable or vacuous."""
+    columns = ("network", "test acc [%]", "found_dnc", "ranks", *BOUND_NAMES)
+    cells = [
+        [
+            _cell(row["network"]),
+            _percent(row["test_accuracy"]),
+            _cell(row["found_dnc"]) if row["found_dnc"] != "" else "-",
+            _cell(row["ranks"]),
+            *(_cell(row[name]) for name in BOUND_NAMES),
+        ]
+        for row in rows
+    ]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    if any(row["found_dnc"] == "" for row in rows):
+        lines.append(
+            "found_dnc '-': not applicable (only DUFM networks record whether gradient descent "
+            "found deep neural collapse)"
+        )
+    vacuous = [name for name in BOUND_NAMES if any(float(row[name]) >= 1.0 for row in rows)]
+    if vacuous:
+        lines.append(
+            f"vacuous: {', '.join(vacuous)} >= 1 for some network; the loss is in [0, 1], so a "
+            "bound >= 1 on its generalisation gap guarantees nothing (such values only compare "
+            "networks)"
+        )
     return "\n".join(lines)
 
 
@@ -133,9 +160,13 @@ def _cell(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _percent(value: object) -> str:
+    return f"{PERCENT * float(value):.2f}" if isinstance(value, float) else "-"
+
+
 def main(args: argparse.Namespace) -> None:
     rows, paths = bounds_of_run(
-        args.run, args.rank_rtol, args.delta, args.loss_lipschitz, args.c1, args.c2
+        args.run, args.rank_rtol, args.delta, args.loss_lipschitz, args.c1, args.c2, args.format
     )
     print(
         f"bounds with C1 = {args.c1:g}, C2 = {args.c2:g} (unspecified universal constants), "
@@ -164,4 +195,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--c1", type=float, default=1.0, help="constant C1 of Theorem 7")
     parser.add_argument("--c2", type=float, default=1.0, help="constant C2 of Theorem 7")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="png",
+        help="file format of the figure (pdf and svg are vector graphics, for papers)",
+    )
     parser.set_defaults(func=main)

@@ -36,7 +36,8 @@ __all__ = ["add_parser"]
 
 
 def _list_of(kind: Callable) -> Callable[[str], list]:
-    """Parse "a,b,c" (or "a:b" for the integers a..b-1) into a list of ``kind``."""
+    """Parse "a,b,c" (or "a:b" for the integers a..b-1, the end excluded) into a list of
+    ``kind``."""
 
     def parse(text: str) -> list:
         try:
@@ -138,7 +139,9 @@ def _run(args: argparse.Namespace) -> None:
     _check_rank_rtol(args.rank_rtol)
     settings = {"config": asdict(config), "rank_rtol": args.rank_rtol}
     with open_run(args, "dufm run", settings, default_out_dir("dufm", "run")) as run:
-        summary = run_experiment(config, run.path, args.rank_rtol, not args.no_progress)
+        summary = run_experiment(
+            config, run.path, args.rank_rtol, not args.no_progress, args.format
+        )
         run.update(runs={"run": "diverged" if summary["diverged"] else "finished"})
     if summary["diverged"]:
         print(
@@ -178,6 +181,7 @@ def _sweep(args: argparse.Namespace) -> None:
             srg_wd=args.srg_wd,
             rank_rtol=args.rank_rtol,
             progress=not args.no_progress,
+            figure_format=args.format,
         )
     keys = ("runs", "diverged", "not_converged", "found_dnc", "below_dnc", "mean_inner_rank")
     print(json.dumps({k: summary[k] for k in (*keys, "figures")}, indent=2))
@@ -216,7 +220,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--srg-r",
         type=_list_of(int),
         default=list(range(3, 9)),
-        help="r values (K = r(r-1)/2) for the L_SRG/L_DNC curve, e.g. 3:9",
+        help="r values (K = r(r-1)/2) for the L_SRG/L_DNC curve: a comma list, or lo:hi for "
+        "lo..hi-1 (the end excluded, like range; 3:9 = 3,4,5,6,7,8)",
     )
     sweep.add_argument(
         "--srg-wd",

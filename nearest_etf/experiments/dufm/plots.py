@@ -1,4 +1,6 @@
-"""Matplotlib figures for DUFM runs and sweeps (object-oriented API, Agg canvas, small PNGs)."""
+"""Matplotlib figures for DUFM runs and sweeps (object-oriented API, Agg canvas, the package's
+style `_common.plotting`); every function takes the figure's title (what was run) and saves in
+the format of its path's suffix."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from nearest_etf.experiments._common.plotting import line_styles, style_axes, suptitle
 from nearest_etf.experiments._common.results import save_figure
 from nearest_etf.experiments.dufm.analysis import LayerStats
 from nearest_etf.experiments.dufm.reference import ReferenceLosses
@@ -22,52 +25,63 @@ __all__ = [
     "plot_srg_ratio",
 ]
 
-_DPI = 80
+
+def _save(fig: Figure, path: Path, title: str) -> Path:
+    suptitle(fig, title)
+    return save_figure(fig, path)
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=_DPI)
-
-
-def plot_loss_curve(result: TrainResult, refs: ReferenceLosses, path: Path) -> Path:
+def plot_loss_curve(result: TrainResult, refs: ReferenceLosses, path: Path, title: str) -> Path:
     """Total, fit and regularisation loss vs step, with the DNC and SRG reference lines."""
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
     total = [f + r for f, r in zip(result.fit, result.reg, strict=True)]
     # a diverged run's last point may be inf or NaN: draw the finite part
     n = len(total) - (not math.isfinite(total[-1])) if total else 0
-    ax.plot(result.steps[:n], total[:n], label="loss")
-    ax.plot(result.steps[:n], result.fit[:n], label="fit", lw=0.8)
-    ax.plot(result.steps[:n], result.reg[:n], label="regularisation", lw=0.8)
+    styles = line_styles()
+    ax.plot(result.steps[:n], total[:n], label="loss", **next(styles))
+    ax.plot(result.steps[:n], result.fit[:n], label="fit", **next(styles))
+    ax.plot(result.steps[:n], result.reg[:n], label="regularisation", **next(styles))
     ax.axhline(refs.dnc, color="k", ls="--", label=f"DNC {refs.dnc:.4f}")
     if refs.srg is not None:
         ax.axhline(refs.srg, color="r", ls=":", label=f"SRG {refs.srg:.4f}")
     ax.set_yscale("log")
-    ax.set_xlabel("step")
     if result.diverged:
-        ax.set_title(f"diverged at step {result.diverged_step}: {result.divergence}", fontsize=9)
+        what = f"diverged at step {result.diverged_step}: {result.divergence}"
     else:
-        ax.set_title(f"final loss {total[-1]:.4f}")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+        what = f"final loss {total[-1]:.4f}"
+    style_axes(
+        ax,
+        xlabel="step (gradient steps)",
+        ylabel="loss (fit + regularisation)",
+        title=what,
+        integer_x=True,
+        legend=True,
+    )
+    return _save(fig, path, title)
 
 
-def plot_singular_values(stats: Sequence[LayerStats], rtol: float, path: Path) -> Path:
+def plot_singular_values(stats: Sequence[LayerStats], rtol: float, path: Path, title: str) -> Path:
     """Normalised singular values s_i / s_max of the class means of every representation."""
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
+    styles = line_styles()
     for s in stats:
         if s.rank is not None and s.singular_values[0] > 0:
             sv = [v / s.singular_values[0] for v in s.singular_values]
             ax.semilogy(
-                range(1, len(sv) + 1), sv, marker="o", ms=3, label=f"{s.name} (rank {s.rank})"
+                range(1, len(sv) + 1), sv, label=f"{s.name} (rank {s.rank})", **next(styles)
             )
     ax.axhline(rtol, color="k", ls="--", lw=0.8, label=f"rtol {rtol:g}")
-    ax.set_xlabel("index i")
-    ax.set_ylabel("s_i / s_1 of class means")
+    style_axes(
+        ax,
+        xlabel="index i",
+        ylabel="s_i / s_1 of the class means",
+        title="singular values per layer",
+        integer_x=True,
+    )
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def _grouped_mean(rows: Sequence[dict], x: str, y: str, group: str) -> dict:
@@ -82,41 +96,57 @@ def _grouped_mean(rows: Sequence[dict], x: str, y: str, group: str) -> dict:
     }
 
 
-def plot_rank_vs_wd(rows: Sequence[dict], path: Path) -> Path:
+def plot_rank_vs_wd(rows: Sequence[dict], path: Path, title: str) -> Path:
     """Average (over seeds) mean inner rank vs weight decay, log2 axis, one line per width."""
-    fig = Figure(figsize=(5, 3.5))
+    fig = Figure(figsize=(6, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    for width, pts in _grouped_mean(rows, "wd", "inner_rank", "width").items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"width {width}")
+    grouped = _grouped_mean(rows, "wd", "inner_rank", "width").items()
+    for (width, pts), style in zip(grouped, line_styles(), strict=False):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"width {width}", **style)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("weight decay lambda")
-    ax.set_ylabel("average rank of H_1..H_{L-1}")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    style_axes(
+        ax,
+        xlabel="weight decay lambda (log2 scale)",
+        ylabel="average rank of H_1..H_{L-1}",
+        integer_y=True,
+        legend=True,
+    )
+    return _save(fig, path, title)
 
 
-def plot_dnc_probability_vs_width(rows: Sequence[dict], path: Path) -> Path:
+def plot_dnc_probability_vs_width(rows: Sequence[dict], path: Path, title: str) -> Path:
     """Fraction of seeds ending at a full-rank (DNC) solution vs width, one line per wd."""
-    fig = Figure(figsize=(5, 3.5))
+    fig = Figure(figsize=(6, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    for wd, pts in _grouped_mean(rows, "width", "found_dnc", "wd").items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"lambda {wd:g}")
+    grouped = _grouped_mean(rows, "width", "found_dnc", "wd").items()
+    for (wd, pts), style in zip(grouped, line_styles(), strict=False):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"lambda {wd:g}", **style)
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("width")
-    ax.set_ylabel("P(gradient descent finds DNC)")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    style_axes(
+        ax,
+        xlabel="width (log2 scale)",
+        ylabel="P(gradient descent finds DNC)",
+        legend=True,
+    )
+    widths = sorted({p[0] for _, pts in grouped for p in pts})
+    ax.set_xticks(widths, [str(w) for w in widths])  # the swept widths, not powers of 2
+    return _save(fig, path, title)
 
 
-def plot_srg_ratio(rows: Sequence[dict], path: Path) -> Path:
+def plot_srg_ratio(rows: Sequence[dict], path: Path, title: str) -> Path:
     """L_SRG / L_DNC vs r (K = r(r-1)/2), one line per number of layers."""
-    fig = Figure(figsize=(5, 3.5))
+    fig = Figure(figsize=(6, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    for layers, pts in _grouped_mean(rows, "r", "srg_over_dnc", "layers").items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"L = {layers}")
+    grouped = _grouped_mean(rows, "r", "srg_over_dnc", "layers").items()
+    for (layers, pts), style in zip(grouped, line_styles(), strict=False):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"L = {layers}", **style)
     ax.axhline(1.0, color="k", ls="--", lw=0.8)
-    ax.set_xlabel("r  (K = r(r-1)/2)")
-    ax.set_ylabel("L_SRG / L_DNC")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    style_axes(
+        ax,
+        xlabel="r  (K = r(r-1)/2 classes)",
+        ylabel="L_SRG / L_DNC",
+        integer_x=True,
+        legend=True,
+    )
+    return _save(fig, path, title)

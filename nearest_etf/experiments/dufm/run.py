@@ -140,11 +140,16 @@ def layer_stack_of_dufm(
 
 
 def run_experiment(
-    config: DUFMConfig, out: Path, rank_rtol: float = DUFM_RANK_RTOL, progress: bool = True
+    config: DUFMConfig,
+    out: Path,
+    rank_rtol: float = DUFM_RANK_RTOL,
+    progress: bool = True,
+    figure_format: str = "png",
 ) -> dict:
     """Train with a progress bar and write to ``out``: loss_curve.csv, summary.json,
-    loss_curve.png and, unless the run diverged, layers.csv, singular_values.png and network.pt
-    (`layer_stack_of_dufm`, for `nearest-etf bounds`). Returns the summary."""
+    the figure loss_curve and, unless the run diverged, layers.csv, the figure singular_values
+    and network.pt (`layer_stack_of_dufm`, for `nearest-etf bounds`); figures as .png or
+    ``figure_format``. Returns the summary."""
     from nearest_etf.experiments.dufm.plots import plot_loss_curve, plot_singular_values
 
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +167,11 @@ def run_experiment(
     ]
     write_csv(curve, out / "loss_curve.csv")
     write_json(out / "summary.json", summary)
-    plot_loss_curve(result, refs, out / "loss_curve.png")
+    title = (
+        f"DUFM run: L={config.layers}, K={config.classes}, width {config.width}, "
+        f"lambda {config.wd:g}, seed {config.seed}"
+    )
+    plot_loss_curve(result, refs, out / f"loss_curve.{figure_format}", title)
     if stats is None:
         return summary
     layer_rows = [
@@ -174,5 +183,5 @@ def run_experiment(
     meta = {"source": "dufm run", "config": asdict(config), "found_dnc": summary["found_dnc"]}
     meta |= {"loss_over_dnc": summary["loss_over_dnc"], "inner_rank": summary["inner_rank"]}
     save_layer_stack(layer_stack_of_dufm(problem, result.params, meta), out / "network.pt")
-    plot_singular_values(stats, rank_rtol, out / "singular_values.png")
+    plot_singular_values(stats, rank_rtol, out / f"singular_values.{figure_format}", title)
     return summary

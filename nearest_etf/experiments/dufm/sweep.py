@@ -138,12 +138,14 @@ def run_sweep(
     srg_wd: float = 0.004,
     rank_rtol: float = DUFM_RANK_RTOL,
     progress: bool = True,
+    figure_format: str = "png",
 ) -> dict[str, Any]:
     """Run every configuration of ``grid`` (and the SRG ratio for ``srg_layers`` x ``srg_r`` at
     every lambda = ``srg_wd``) on ``executor`` (`parallel.map_unordered`; ``ray_address``: the
     Ray cluster, None for a local instance) in the run directory ``out`` (a path is opened as
     a new one), writing runs.csv and srg_ratio.csv as results arrive, then sweep.json and the
-    plots whose axis varies: rank_vs_wd.png, dnc_probability_vs_width.png, srg_ratio.png.
+    plots whose axis varies: rank_vs_wd, dnc_probability_vs_width, srg_ratio (.png, or
+    ``figure_format``).
 
     Every finished run is recorded in the run directory (keys run-<grid index>, srg-L<l>-r<r>);
     runs recorded before (a resumed sweep) are not run again. Rows are in grid order. A run
@@ -189,19 +191,36 @@ def run_sweep(
     ordered = [rows[i] for i in sorted(rows)]
     srg_ordered = [srg_rows[k] for k in sorted(srg_rows)]
     figures = []
+    fmt = figure_format
+    base = grid.base
+    seeds = f"{len(grid.seeds)} seed{'s' * (len(grid.seeds) > 1)}"
+    fixed = {"L": ("layers", base.layers), "K": ("classes", base.classes)}
+    fixed |= {"width": ("width", base.width), "lambda": ("wd", base.wd)}
+    settings = [
+        f"{label}={value:g}"
+        for label, (name, value) in fixed.items()
+        if len(getattr(grid, name)) <= 1
+    ]  # the swept values are on the axes
+    title = f"DUFM sweep: {', '.join(settings)}; mean over {seeds}"
     if ordered:
         write_csv(ordered, run.path / "runs.csv")
         if len({row["wd"] for row in ordered}) > 1:
-            figures.append(plots.plot_rank_vs_wd(ordered, run.path / "rank_vs_wd.png"))
+            figures.append(plots.plot_rank_vs_wd(ordered, run.path / f"rank_vs_wd.{fmt}", title))
         if len({row["width"] for row in ordered}) > 1:
             figures.append(
                 plots.plot_dnc_probability_vs_width(
-                    ordered, run.path / "dnc_probability_vs_width.png"
+                    ordered, run.path / f"dnc_probability_vs_width.{fmt}", title
                 )
             )
     if srg_ordered:
         write_csv(srg_ordered, run.path / "srg_ratio.csv")
-        figures.append(plots.plot_srg_ratio(srg_ordered, run.path / "srg_ratio.png"))
+        figures.append(
+            plots.plot_srg_ratio(
+                srg_ordered,
+                run.path / f"srg_ratio.{fmt}",
+                f"DUFM: loss of the SRG construction over the DNC loss, lambda = {srg_wd:g}",
+            )
+        )
     valid = [row for row in ordered if not row["diverged"]]
     ranks = [row["inner_rank"] for row in valid if row["inner_rank"] is not None]
     summary = {

@@ -2,8 +2,9 @@
 
 Writes to the output directory: ``curves.csv`` (one row per run and recorded step),
 ``study.json`` (configuration, lr tuning scores, chosen lrs, summary rows and every curve),
-``summary.csv``, ``summary.txt`` (the printed table) and ``ufm.png`` (two rows of panels: every
-method at the shared lr, and every method at its best lr; mean over seeds with the min-max band).
+``summary.csv``, ``summary.txt`` (the printed table) and ``ufm.png`` (``ufm.pdf``/``ufm.svg``
+with ``--format``; two rows of panels: every method at the shared lr, and every method at its
+best lr; mean over seeds with the min-max band).
 
 The output directory is a run directory (docs/runs.md): each finished run is recorded
 (units/<method>-lr<lr>-seed<s>.json) and ``curves.csv`` rewritten as it finishes, and
@@ -33,6 +34,7 @@ from nearest_etf.experiments._common.options import (
     positive_float,
     positive_int,
 )
+from nearest_etf.experiments._common.plotting import line_styles, style_axes, suptitle
 from nearest_etf.experiments._common.results import save_figure, write_csv
 from nearest_etf.experiments._common.runs import (
     RunDirectory,
@@ -63,9 +65,16 @@ _PANELS = (
     ("nc3", "NC3 self-duality", True),
     ("cosine_margin", "average cosine margin", False),
     ("equinorm", "equinorm of means (std/mean)", True),
-    ("etf_distance", "distance of means to simplex ETF", True),
+    ("etf_distance", "means to simplex ETF", True),
 )
-_COLOURS = {m: f"C{i}" for i, m in enumerate(METHODS)}
+_METHOD_HELP = {
+    "learned": "LearnedHead: W, b trained with the features",
+    "fixed": "FixedETFHead: a random simplex ETF fixed from the start",
+    "implicit": "ImplicitETFHead: the ETF nearest the class means (EMA of the means)",
+    "implicit-cma": "ImplicitETFHead with the cumulative average of the means",
+    "implicit-none": "ImplicitETFHead with the exact means of the step (full batch: "
+    "curves close to implicit's)",
+}
 _COMPARISON_TITLES = {"shared-lr": "one shared lr", "best-lr": "best lr per method"}
 
 
@@ -80,56 +89,55 @@ def _aligned(study: Study, comparison: str, method: str, metric: str) -> tuple[l
 
 
 def plot_study(study: Study, path: Path) -> Path:
-    """The figure: a row per comparison, a panel per metric, one colour per method."""
+    """The figure: a row per comparison, a panel per metric, a line style per method (methods
+    with identical curves, e.g. implicit and implicit-none under full-batch training, stay
+    visible); format from the suffix of `path`."""
     comparisons = list(study.comparisons)
-    fig = Figure(figsize=(3.2 * len(_PANELS), 2.7 * len(comparisons)))
-    axes = fig.subplots(len(comparisons), len(_PANELS), squeeze=False)
+    cols = 3
+    rows_per = math.ceil(len(_PANELS) / cols)
+    fig = Figure(
+        figsize=(4.6 * cols, 3.4 * rows_per * len(comparisons) + 0.6), layout="constrained"
+    )
+    subfigs = fig.subfigures(len(comparisons), 1, squeeze=False)[:, 0]
     K = study.config.classes
-    for row, comparison in enumerate(comparisons):
+    for subfig, comparison in zip(subfigs, comparisons, strict=True):
         lrs = study.comparisons[comparison]
-        for col, (metric, title, log) in enumerate(_PANELS):
-            ax = axes[row, col]
-            for method in study.methods:
+        subfig.suptitle(_COMPARISON_TITLES[comparison], fontsize=10, fontweight="bold")
+        axes = subfig.subplots(rows_per, cols, squeeze=False).flatten()
+        for col, (metric, label, log) in enumerate(_PANELS):
+            ax = axes[col]
+            for method, style in zip(study.methods, line_styles(), strict=False):
                 steps, values = _aligned(study, comparison, method, metric)
                 if np.isnan(values).all():
                     continue
-                colour = _COLOURS[method]
                 ax.plot(
                     steps,
                     np.nanmean(values, axis=0),
-                    color=colour,
-                    lw=1.2,
                     label=f"{method} (lr {lrs[method]:g})",
+                    **style,
                 )
                 ax.fill_between(
                     steps,
                     np.nanmin(values, axis=0),
                     np.nanmax(values, axis=0),
-                    color=colour,
-                    alpha=0.25,
+                    color=style["color"],
+                    alpha=0.15,
                     lw=0,
                 )
             if metric == "cosine_margin":
-                ax.axhline(K / (K - 1), color="k", ls=":", lw=0.8)
+                ax.axhline(K / (K - 1), color="k", ls=":", lw=0.8, label="collapsed K/(K-1)")
             if log:
                 ax.set_yscale("log")
             ax.set_xscale("symlog", linthresh=10)  # linear to step 10, then logarithmic
             ax.set_xlim(0, study.config.steps)
-            ax.set_title(title if row == 0 else "", fontsize=9)
-            ax.tick_params(labelsize=7)
-            if row == len(comparisons) - 1:
-                ax.set_xlabel("step", fontsize=8)
-            if col == 0:
-                ax.set_ylabel(_COMPARISON_TITLES[comparison], fontsize=9)
-                ax.legend(fontsize=6)
+            style_axes(ax, xlabel="step (gradient steps)", ylabel=label, legend=col == 0)
     c = study.config
-    fig.suptitle(
+    suptitle(
+        fig,
         f"UFM K={K}, d={c.dim}, n={c.per_class}/class, {c.optimizer}, {len(study.seeds)} seeds "
         "(mean, min-max band; step axis linear to 10, then log)",
-        fontsize=10,
     )
-    fig.tight_layout()
-    save_figure(fig, path, dpi=70)
+    save_figure(fig, path)
     return path
 
 
@@ -137,6 +145,36 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.{digits}g}"
+
+
+def _legend(study: Study, limits: dict[str, tuple[str, float]]) -> list[str]:
+    """What the thresholds and methods of the summary are (docs/ufm.md has the details)."""
+    K = study.config.classes
+    lines = ["  where:"]
+    if "loss" in limits:
+        lines.append(
+            f"    loss {limits['loss'][0]} {limits['loss'][1]:.4g}: the loss floor of a "
+            f"bounded-logit head (ETF heads see features of norm tau={study.config.feature_norm:g},"
+        )
+        lines.append(
+            "      so their logits are bounded and the cross-entropy cannot go below "
+            "log(1 + (K-1) exp(-tau K/(K-1)))) plus 0.01;"
+        )
+        lines.append(
+            "      the learned head's W grows without bound, so its loss goes towards 0: "
+            "compare losses within a head type only"
+        )
+    lines.append("    error <= 0: every training sample classified correctly")
+    lines.append(
+        "    nc1, etf_distance, nc3, equinorm <= 0.001: within-class variability, means' "
+        "distance to a simplex ETF, self-duality, equal norms collapsed"
+    )
+    lines.append(
+        f"    cosine_margin >= {0.99 * K / (K - 1):.4g}: 0.99 of the collapsed value K/(K-1)"
+    )
+    lines.append("  methods:")
+    lines += [f"    {m:<14} {_METHOD_HELP[m]}" for m in study.methods if m in _METHOD_HELP]
+    return lines
 
 
 def format_summary(study: Study, rows: Sequence[dict]) -> str:
@@ -153,6 +191,7 @@ def format_summary(study: Study, rows: Sequence[dict]) -> str:
         "First recorded step where the metric crosses its threshold "
         "(median over seeds; '-' if some seed never crosses, with seeds crossed/total):",
         "  thresholds: " + ", ".join(f"{m} {op} {v:.4g}" for m, (op, v) in limits.items()),
+        *_legend(study, limits),
     ]
     head = f"{'comparison':<10} {'method':<14} {'lr':>6} " + " ".join(f"{m:>15}" for m in crossing)
     lines += [head, "-" * len(head)]
@@ -192,15 +231,16 @@ def write_curves(runs: Sequence[UFMRun], path: Path) -> None:
                 )
 
 
-def write_study(study: Study, out: Path, command: str = "") -> dict:
-    """Write curves.csv, summary.csv, summary.txt, study.json and ufm.png into ``out``."""
+def write_study(study: Study, out: Path, command: str = "", figure_format: str = "png") -> dict:
+    """Write curves.csv, summary.csv, summary.txt, study.json and the figure
+    ufm.<figure_format> into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     rows = summarise_study(study)
     write_curves(list(study.runs.values()), out / "curves.csv")
     write_csv(rows, out / "summary.csv")
     text = format_summary(study, rows)
     write_text(out / "summary.txt", text + "\n")
-    figure = plot_study(study, out / "ufm.png")
+    figure = plot_study(study, out / f"ufm.{figure_format}")
     record = {
         "command": command,
         "config": study.config.to_dict(),
@@ -281,7 +321,7 @@ def main(args: argparse.Namespace) -> None:
         with user_errors():
             study, command = read_study(args.replot)
         out = args.out or args.replot.parent
-        write_study(study, out, command)
+        write_study(study, out, command, args.format)
         print((out / "summary.txt").read_text(), end="")
         return
     with user_errors():
@@ -327,7 +367,7 @@ def main(args: argparse.Namespace) -> None:
         )
         study.runs = {key: finished[key] for key in study.runs}
         command = " ".join(["nearest-etf", *(getattr(args, "argv", None) or ["ufm"])])
-        write_study(study, run.path, command)
+        write_study(study, run.path, command, args.format)
     print((run.path / "summary.txt").read_text(), end="")
     diverged = run.diverged_runs()
     if diverged:
@@ -341,7 +381,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "ufm",
         help="UFM convergence study: learned vs fixed vs implicit ETF heads",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--classes", type=int, default=d.classes, help="K")
     parser.add_argument("--dim", type=int, default=d.dim, help="feature dimension d >= K")
