@@ -77,7 +77,7 @@ from nearest_etf.experiments._common.training import (
     eval_loaders,
     evaluate,
     load_training_data,
-    open_training_run,
+    run_training_command,
     save_network,
     step_bar,
     train_epoch,
@@ -467,22 +467,16 @@ def main(args: argparse.Namespace) -> None:
     default = default_out_dir(
         "adaptive-etf", f"{Path(args.dataset).name}-D{args.depth}-h{args.width}"
     )
-    settings = {"config": asdict(config)}
-    with (
-        distributed.session(config.device),
-        open_training_run(args, "adaptive-etf", settings, default) as run,
-    ):
-        main_rank = distributed.is_main()
-        write = (lambda rows: write_metrics(rows, config, run.path)) if main_rank else None
-        runs = RunSeries(run, write)
-        rows = run_adaptive_etf(config, data, runs)
-        if not main_rank:
-            return
-        paths = write_results(rows, config, run.path, args.format)
-    print(format_summary(_summary_rows(rows, config)))
-    if runs.diverged:
-        print(runs.report())
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    run_training_command(
+        args,
+        "adaptive-etf",
+        config,
+        default,
+        lambda runs: run_adaptive_etf(config, data, runs),
+        lambda rows, path: write_metrics(rows, config, path),
+        lambda rows, path: write_results(rows, config, path, args.format),
+        lambda rows, path, paths: format_summary(_summary_rows(rows, config)),
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

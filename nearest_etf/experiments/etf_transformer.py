@@ -53,7 +53,7 @@ from nearest_etf.experiments._common.training import (
     eval_loaders,
     evaluate,
     load_training_data,
-    open_training_run,
+    run_training_command,
     step_bar,
     train_epoch,
     training_loader,
@@ -309,22 +309,16 @@ def main(args: argparse.Namespace) -> None:
     data = load_training_data(config)
     check_config(config, data)
     default = default_out_dir("etf-transformer", Path(args.dataset).name)
-    settings = {"config": asdict(config)}
-    with (
-        distributed.session(config.device),
-        open_training_run(args, "etf-transformer", settings, default) as run,
-    ):
-        main_rank = distributed.is_main()
-        write = (lambda rows: write_metrics(rows, config, run.path)) if main_rank else None
-        runs = RunSeries(run, write)
-        rows = run_etf_transformer(config, data, runs)
-        if not main_rank:
-            return
-        paths = write_results(rows, config, run.path, args.format)
-    print(format_summary(_summary_rows(rows, config)))
-    if runs.diverged:
-        print(runs.report())
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    run_training_command(
+        args,
+        "etf-transformer",
+        config,
+        default,
+        lambda runs: run_etf_transformer(config, data, runs),
+        lambda rows, path: write_metrics(rows, config, path),
+        lambda rows, path: write_results(rows, config, path, args.format),
+        lambda rows, path, paths: format_summary(_summary_rows(rows, config)),
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -69,7 +69,7 @@ from nearest_etf.experiments._common.training import (
     eval_loaders,
     evaluate,
     load_training_data,
-    open_training_run,
+    run_training_command,
     save_network,
     step_bar,
     train_epoch,
@@ -490,25 +490,22 @@ def main(args: argparse.Namespace) -> None:
     data = load_training_data(config)
     check_config(config, data)
     default = default_out_dir("train", f"{Path(args.dataset).name}-{args.model}")
-    settings = {"config": asdict(config)}
-    with (
-        distributed.session(config.device),
-        open_training_run(args, "train", settings, default) as run,
-    ):
-        main_rank = distributed.is_main()
-        write = (lambda rows: write_metrics(rows, config, run.path)) if main_rank else None
-        runs = RunSeries(run, write)
-        rows = train_all(config, data, runs)
-        if not main_rank:
-            return
-        paths = write_results(rows, config, run.path, args.format)
+
+    def summary(rows: list[dict[str, object]], path: Path, paths: dict[str, Path]) -> str:
         text = summarise(rows, config.heads, args.thresholds)
-        paths["txt"] = run.path / "summary.txt"
-        write_text(paths["txt"], text + "\n")
-    print(text)
-    if runs.diverged:
-        print(runs.report())
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+        paths["txt"] = write_text(path / "summary.txt", text + "\n")
+        return text
+
+    run_training_command(
+        args,
+        "train",
+        config,
+        default,
+        lambda runs: train_all(config, data, runs),
+        lambda rows, path: write_metrics(rows, config, path),
+        lambda rows, path: write_results(rows, config, path, args.format),
+        summary,
+    )
 
 
 def _heads(text: str) -> tuple[str, ...]:

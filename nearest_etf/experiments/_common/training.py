@@ -55,6 +55,7 @@ __all__ = [
     "evaluate",
     "load_training_data",
     "open_training_run",
+    "run_training_command",
     "save_network",
     "step_bar",
     "train_epoch",
@@ -156,6 +157,41 @@ def open_training_run(
     # a collective: the other ranks read the directory only after rank 0 has opened it
     path = Path(str(distributed.broadcast_object(None if run is None else str(run.path))))
     return run if run is not None else RunDirectory(path, read_manifest(path), writable=False)
+
+
+def run_training_command(
+    args: Any,
+    command: str,
+    config: Any,
+    default: Path,
+    train: Callable[[RunSeries], Rows],
+    write_metrics: Callable[[Rows, Path], object],
+    write_results: Callable[[Rows, Path], dict[str, Path]],
+    summary: Callable[[Rows, Path, dict[str, Path]], str],
+) -> None:
+    """The lifecycle of a training command (`train`, `adaptive-etf`, `etf-transformer`): its
+    run directory (`open_training_run`; under torchrun rank 0 writes, the others read),
+    `train(runs)` over a `RunSeries` that rewrites the metrics (`write_metrics(rows, dir)`)
+    after every epoch, then on rank 0 the results files (`write_results(rows, dir)`, the paths
+    written) and the summary text (`summary(rows, dir, paths)`, which may add files to
+    `paths`), printed with the report of the runs that diverged and the files written."""
+    settings = {"config": asdict(config)}
+    with (
+        distributed.session(config.device),
+        open_training_run(args, command, settings, default) as run,
+    ):
+        main_rank = distributed.is_main()
+        write = (lambda rows: write_metrics(rows, run.path)) if main_rank else None
+        runs = RunSeries(run, write)
+        rows = train(runs)
+        if not main_rank:
+            return
+        paths = write_results(rows, run.path)
+        text = summary(rows, run.path, paths)
+    print(text)
+    if runs.diverged:
+        print(runs.report())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 def crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
