@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -86,13 +87,38 @@ def scale_safe_norm(x: Tensor, dim: Dims) -> Tensor:
     return (torch.linalg.vector_norm(x * c, dim=dim, keepdim=True) / c).squeeze(dim)
 
 
+class _Normalise(torch.autograd.Function):
+    """u = x / ||x|| with the closed-form vector-Jacobian product
+    dL/dx = (g - u <u, g>) / ||x|| (g = dL/du, inner product over the normalised dims): four
+    elementwise passes instead of autograd's chain through the rescaling, the norm and the
+    division. Once differentiable: a second derivative raises."""
+
+    @staticmethod
+    def forward(x: Tensor, dim: Dims) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        c = pow2_scale(x, dim)
+        norm = torch.linalg.vector_norm(x * c, dim=dim, keepdim=True)
+        norm = norm.where(norm > 0, torch.ones_like(norm))
+        return (x * c) / norm, c / norm  # u, and 1 / ||x|| (c for a zero slice)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Dims], output: tuple[Tensor, Tensor]) -> None:  # type: ignore[override]
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(*output)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor, _: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
+        u, inverse_norm = ctx.saved_tensors
+        return (g - u * (g * u).sum(dim=ctx.dim, keepdim=True)) * inverse_norm, None
+
+
 def normalise(x: Tensor, dim: Dims) -> Tensor:
     """x / ||x||_2 over `dim` (a tuple for the Frobenius norm), scale-safe (module docstring) and
-    differentiable (exactly the derivative of x / ||x||). An all-zero slice stays zero; callers
+    differentiable once, by the closed-form derivative (I - u u^T) / ||x|| of u = x / ||x||. An
+    all-zero slice stays zero (its derivative there is taken as I / c, c the rescaling); callers
     that need a unit norm reject it first."""
-    y = x * pow2_scale(x, dim)
-    norm = torch.linalg.vector_norm(y, dim=dim, keepdim=True)
-    return y / norm.where(norm > 0, torch.ones_like(norm))
+    return _Normalise.apply(x, dim)[0]
 
 
 def coincide(centred: Tensor, reference: Tensor, dim: Dims, count: int | Tensor) -> Tensor:

@@ -468,3 +468,25 @@ def test_scale_safe_norm_and_normalise(dtype: torch.dtype, scale: float):
 def test_centre_columns_does_not_overflow():
     X = torch.tensor([[3e38, 1e38, 2e38]])
     torch.testing.assert_close(centre_columns(X), torch.tensor([[1e38, -1e38, 0.0]]))
+
+
+@pytest.mark.parametrize("dim", [1, (0, 1), (-2, -1)])
+def test_normalise_derivative_is_the_projection_over_the_norm(dim):
+    # gradcheck against finite differences, and the hand formula (I - u u^T) / ||x|| per slice
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, generator=g, dtype=F64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: normalise(t, dim), (x,))
+    up = torch.randn(4, 5, generator=g, dtype=F64)
+    (grad,) = torch.autograd.grad(normalise(x, dim), x, up)
+    x0 = x.detach()
+    norm = torch.linalg.vector_norm(x0, dim=dim, keepdim=True)
+    u = x0 / norm
+    expected = (up - u * (u * up).sum(dim=dim, keepdim=True)) / norm
+    torch.testing.assert_close(grad, expected)
+    # a zero slice stays zero, with a finite derivative; a second derivative is refused
+    z = torch.zeros(2, 3, dtype=F64, requires_grad=True)
+    (gz,) = torch.autograd.grad(normalise(z, 1).sum(), z)
+    assert bool(torch.isfinite(gz).all())
+    (first,) = torch.autograd.grad(normalise(x, dim).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        first.sum().backward()
