@@ -74,9 +74,13 @@ def pow2_scale(x: Tensor, dim: Dims) -> Tensor:
     """c = 2^-e (no gradient, reduced dims kept) with max |x c| over `dim` in [1/2, 1): the exact
     rescaling of the module docstring. c = 1 for an all-zero slice; for a subnormal maximum, c is
     capped at the dtype's largest power of two (max |x c| is then below 1/2, still normal)."""
-    peak = x.detach().abs().amax(dim=dim, keepdim=True)
+    return _pow2_scale_of_peak(x.detach().abs().amax(dim=dim, keepdim=True))
+
+
+def _pow2_scale_of_peak(peak: Tensor) -> Tensor:
+    """`pow2_scale` from the maxima max |x| (any shape, non-negative)."""
     exponent = torch.frexp(peak).exponent
-    top = int(math.log2(torch.finfo(x.dtype).max))  # 2^top is the largest finite power of two
+    top = int(math.log2(torch.finfo(peak.dtype).max))  # 2^top: the largest finite power of two
     return torch.ldexp(torch.ones_like(peak), (-exponent).clamp(max=top))
 
 
@@ -110,7 +114,9 @@ class _Normalise(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: Tensor, _: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
         u, inverse_norm = ctx.saved_tensors
-        return (g - u * (g * u).sum(dim=ctx.dim, keepdim=True)) * inverse_norm, None
+        return torch.addcmul(g, u, (g * u).sum(dim=ctx.dim, keepdim=True), value=-1).mul_(
+            inverse_norm
+        ), None
 
 
 def normalise(x: Tensor, dim: Dims) -> Tensor:
@@ -146,11 +152,14 @@ def check_class_means(H: object) -> Tensor:
         raise ValueError(
             f"H has d={d} rows and K={K} columns; St(d, K) needs d >= K (feature dim >= classes)"
         )
-    if bool((H.detach().abs().amax(dim=(-2, -1)) == 0).any()):
+    peak = H.detach().abs().amax(dim=(-2, -1), keepdim=True)
+    if bool((peak == 0).any()):
         raise ValueError("H has zero Frobenius norm (H = 0): no class means, nothing to fit")
-    scaled = H.detach() * pow2_scale(H, (-2, -1))
+    scale = _pow2_scale_of_peak(peak)
+    scaled = H.detach() * scale
     centred = scaled - scaled.mean(dim=-1, keepdim=True)  # H C, rescaled: |entries| < 2
-    if bool(coincide(centred, scaled, (-2, -1), K).any()):
+    # the reference maximum is max |scaled| = peak * scale: no second pass over H
+    if bool(coincide(centred, peak * scale, (-2, -1), K).any()):
         raise ValueError(
             "H has centred means H C = 0 (to rounding): all class means coincide, nothing to fit"
         )
@@ -167,8 +176,9 @@ def check_stiefel(
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(U.shape)}")
     if U.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {U.dtype}")
-    eye = torch.eye(shape[-1], dtype=dtype, device=U.device)
-    err = (U.detach().mT @ U.detach() - eye).abs().amax()
+    gram = U.detach().mT @ U.detach()
+    gram.diagonal(dim1=-2, dim2=-1).sub_(1)  # U^T U - I
+    err = gram.abs().amax()
     if float(err) > atol:
         raise ValueError(
             f"{name} must have orthonormal columns (U^T U = I); max |U^T U - I| = {float(err):.3g}"

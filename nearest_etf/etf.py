@@ -31,11 +31,36 @@ def centering_matrix(
     return eye - torch.full_like(eye, 1.0 / K)
 
 
+class _CentreColumns(torch.autograd.Function):
+    """X -> X C. C is a symmetric projector, so the vector-Jacobian and Jacobian-vector products
+    are the same map (two passes, where autograd's chain through the mean takes five); defined
+    for torch.func transforms too (jvp, and vmap by the generated rule)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(X: Tensor) -> Tensor:  # type: ignore[override]
+        return X - (X / X.shape[-1]).sum(dim=-1, keepdim=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor], output: Tensor) -> None:  # type: ignore[override]
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return _CentreColumns.apply(grad)
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:  # type: ignore[override]
+        return _CentreColumns.apply(tangent)
+
+
 def centre_columns(X: Tensor) -> Tensor:
     """X C = X - (X 1/K) 1^T for X[..., n, K]: each row minus its mean, in O(nK) (no K x K
-    product with the centring matrix C). The mean is sum_j (x_j / K), which cannot overflow
-    where sum_j x_j would (entries near the dtype's maximum)."""
-    return X - (X / X.shape[-1]).sum(dim=-1, keepdim=True)
+    product with the centring matrix C), differentiable to any order. The mean is
+    sum_j (x_j / K), which cannot overflow where sum_j x_j would (entries near the dtype's
+    maximum)."""
+    return _CentreColumns.apply(X)
 
 
 def simplex_etf(

@@ -32,7 +32,7 @@ from nearest_etf.declarative.solvers import (
     as_solver_result,
 )
 from nearest_etf.etf import centre_columns
-from nearest_etf.polar_decomposition import polar
+from nearest_etf.polar_decomposition import polar, polar_of_bounded
 
 __all__ = [
     "BACKWARDS",
@@ -51,7 +51,7 @@ def procrustes_target(Hn: Tensor, prox: Tensor | None, delta: float) -> Tensor:
     Shapes [..., d, K]."""
     K = Hn.shape[-1]
     A = (2 / math.sqrt(K - 1)) * centre_columns(Hn)
-    return A if prox is None else A + delta * prox
+    return A if prox is None else torch.add(A, prox, alpha=delta)
 
 
 def nearest_etf_objective(
@@ -181,7 +181,9 @@ def solve_nearest_etf(
     if isinstance(backward, Analytic):
         A = procrustes_target(Hn, prox, delta)
         if isinstance(solve, Procrustes):
-            U = polar(A)
+            # |A_ij| <= 4/sqrt(K-1) + delta (Hn unit-norm, prox orthonormal): an exact power of two
+            # brings a large delta to order one (polar(cA) = polar(A) for c > 0)
+            U = polar_of_bounded(A if delta <= 1 else A * 2.0 ** -math.frexp(delta)[1])
         else:
             with torch.no_grad():
                 found = _map_problems(

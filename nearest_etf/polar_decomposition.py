@@ -208,7 +208,8 @@ def polar_vjp(Q: Tensor, V: Tensor, s: Tensor, G: Tensor, P_pinv: Tensor | None 
     ratio = torch.where(denom > tol.unsqueeze(-1), (T - T.mT) / denom, torch.zeros_like(denom))
     inv_s = torch.where(s > tol, 1.0 / s, torch.zeros_like(s))
     X = V @ (ratio - T * inv_s.unsqueeze(-2)) @ V.mT
-    return Q @ X + G @ P_pinv
+    GP = G @ P_pinv
+    return torch.addmm(GP, Q, X) if Q.ndim == 2 else GP + Q @ X  # addmm: no separate sum pass
 
 
 class _Polar(torch.autograd.Function):
@@ -233,6 +234,13 @@ class _Polar(torch.autograd.Function):
         Q, V, s, *P_pinv = ctx.saved_tensors  # P^+ is saved where the forward formed it
         with single_threaded(is_small(G)):
             return polar_vjp(Q, V, s, G, *P_pinv), None
+
+
+def polar_of_bounded(A: Tensor) -> Tensor:
+    """`polar(A)` without its input checks and rescaling pass, for callers whose A is a checked
+    float32/float64 [..., d, K] (d >= K) with entries of order one (the nearest-ETF target:
+    |A_ij| <= 5 after `nearest_etf`'s scaling), where A^T A can neither overflow nor underflow."""
+    return _Polar.apply(A, None)
 
 
 def polar(A: Tensor, Q: Tensor | None = None) -> Tensor:

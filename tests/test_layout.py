@@ -70,8 +70,7 @@ def test_experiments_share_code_only_through_common_modules(module: str) -> None
     others = sorted(
         name
         for name in _imports(module)
-        if name.startswith("nearest_etf.experiments.")
-        and name.split(".")[2] not in SHARED | {own}
+        if name.startswith("nearest_etf.experiments.") and name.split(".")[2] not in SHARED | {own}
     )
     assert not others, f"{module} imports another experiment: {others}"
 

@@ -490,3 +490,19 @@ def test_normalise_derivative_is_the_projection_over_the_norm(dim):
     (first,) = torch.autograd.grad(normalise(x, dim).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         first.sum().backward()
+
+
+@pytest.mark.parametrize("delta", [1e-3, 1.0, 1e6, 1e30])
+def test_nearest_etf_at_any_proximal_weight_in_float32(delta: float):
+    # float32 against float64 (an independent rounding), at deltas up to where delta^2 overflows
+    # float32: the solve brings A to order one by an exact power of two
+    g = torch.Generator().manual_seed(11)
+    H = torch.randn(12, 5, generator=g, dtype=F64)
+    prox, _ = torch.linalg.qr(torch.randn(12, 5, generator=g, dtype=F64))
+    U64 = nearest_etf(H, prox, delta=delta)
+    U32 = nearest_etf(H.float(), prox.float(), delta=delta)
+    # float32 rounding times the conditioning of A (~1e3 at delta = 1e-3, where only delta
+    # weighs the direction 1 that C removes)
+    torch.testing.assert_close(U32.double(), U64, atol=1e-4 if delta < 1 else 1e-5, rtol=0)
+    if delta >= 1e6:  # the prox term dominates: U* -> polar(prox) = prox
+        torch.testing.assert_close(U64, prox, atol=1e-5, rtol=0)

@@ -221,9 +221,7 @@ class ClassMeanTracker(nn.Module):
         previous = self.means.detach().to(features.dtype)
         means = torch.where(present.unsqueeze(1), alpha * batch + (1 - alpha) * previous, previous)
         informative = bool(means.detach().abs().amax() > 0)
-        return TrackerUpdate(
-            means, normalise(means, (0, 1)), global_mean, appearances, informative
-        )
+        return TrackerUpdate(means, normalise(means, (0, 1)), global_mean, appearances, informative)
 
     @torch.no_grad()
     def commit(self, update: TrackerUpdate) -> None:

@@ -34,6 +34,18 @@ def test_centering_matrix_is_projector() -> None:
     torch.testing.assert_close(centre_columns(X), X @ C)
 
 
+def test_centre_columns_derivatives_are_the_centring_map() -> None:
+    # reverse mode to second order (finite differences), forward mode and vmap against X C
+    X = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(centre_columns, (X,))
+    torch.autograd.gradgradcheck(centre_columns, (X,))
+    C = centering_matrix(4, dtype=torch.float64)
+    T = torch.randn(3, 6, 4, dtype=torch.float64)
+    _, tangent = torch.func.jvp(centre_columns, (X.detach(),), (T,))
+    torch.testing.assert_close(tangent, T @ C)
+    torch.testing.assert_close(torch.func.vmap(centre_columns)(X.detach()), X.detach() @ C)
+
+
 def test_etf_classifier_is_rotated_etf() -> None:
     U = random_stiefel(9, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     W = etf_classifier(U)
