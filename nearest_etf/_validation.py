@@ -74,7 +74,18 @@ def pow2_scale(x: Tensor, dim: Dims) -> Tensor:
     """c = 2^-e (no gradient, reduced dims kept) with max |x c| over `dim` in [1/2, 1): the exact
     rescaling of the module docstring. c = 1 for an all-zero slice; for a subnormal maximum, c is
     capped at the dtype's largest power of two (max |x c| is then below 1/2, still normal)."""
-    return _pow2_scale_of_peak(x.detach().abs().amax(dim=dim, keepdim=True))
+    return _pow2_scale_of_peak(max_abs(x.detach(), dim, keepdim=True))
+
+
+def max_abs(x: Tensor, dim: Dims, keepdim: bool = False) -> Tensor:
+    """max |x| over `dim` (an int or a tuple): by one full `aminmax` pass (no |x| temporary)
+    when `dim` covers every dimension, else by abs().amax()."""
+    dims = {d % x.ndim for d in ((dim,) if isinstance(dim, int) else dim)}
+    if x.numel() == 0 or len(dims) != x.ndim:
+        return x.abs().amax(dim=dim, keepdim=keepdim)
+    low, high = torch.aminmax(x)
+    peak = torch.maximum(high, -low)
+    return peak.reshape((1,) * x.ndim) if keepdim else peak
 
 
 def _pow2_scale_of_peak(peak: Tensor) -> Tensor:
@@ -100,9 +111,10 @@ class _Normalise(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, dim: Dims) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         c = pow2_scale(x, dim)
-        norm = torch.linalg.vector_norm(x * c, dim=dim, keepdim=True)
+        y = x * c
+        norm = torch.linalg.vector_norm(y, dim=dim, keepdim=True)
         norm = norm.where(norm > 0, torch.ones_like(norm))
-        return (x * c) / norm, c / norm  # u, and 1 / ||x|| (c for a zero slice)
+        return y.div_(norm), c / norm  # u, and 1 / ||x|| (c for a zero slice)
 
     @staticmethod
     def setup_context(ctx, inputs: tuple[Tensor, Dims], output: tuple[Tensor, Tensor]) -> None:  # type: ignore[override]
@@ -132,8 +144,8 @@ def coincide(centred: Tensor, reference: Tensor, dim: Dims, count: int | Tensor)
     max |centred| <= count * eps * max |reference| (`count` = how many means were averaged, the
     bound on the rounding of their mean). Scale-safe: maxima, no squares. Reduced dims removed."""
     eps = torch.finfo(centred.dtype).eps
-    spread = centred.detach().abs().amax(dim=dim)
-    return spread <= count * eps * reference.detach().abs().amax(dim=dim)
+    spread = max_abs(centred.detach(), dim)
+    return spread <= count * eps * max_abs(reference.detach(), dim)
 
 
 def check_class_means(H: object) -> Tensor:
@@ -152,7 +164,7 @@ def check_class_means(H: object) -> Tensor:
         raise ValueError(
             f"H has d={d} rows and K={K} columns; St(d, K) needs d >= K (feature dim >= classes)"
         )
-    peak = H.detach().abs().amax(dim=(-2, -1), keepdim=True)
+    peak = max_abs(H.detach(), (-2, -1), keepdim=True)
     if bool((peak == 0).any()):
         raise ValueError("H has zero Frobenius norm (H = 0): no class means, nothing to fit")
     scale = _pow2_scale_of_peak(peak)

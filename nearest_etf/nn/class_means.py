@@ -34,6 +34,7 @@ from nearest_etf._validation import (
     check_choice,
     check_float_tensor,
     coincide,
+    max_abs,
     normalise,
 )
 
@@ -127,8 +128,7 @@ def check_labels(
 def class_sums(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """(sums[K, d], counts[K]) with sums_k = sum_{y_i = k} h_i (index_add, no loop over classes)
     and counts_k = n_k in the features' dtype, for features[N, d] and integer labels[N]."""
-    sums = features.new_zeros(num_classes, features.shape[1])
-    sums = sums.index_add(0, labels, features)
+    sums = features.new_zeros(num_classes, features.shape[1]).index_add_(0, labels, features)
     counts = torch.bincount(labels, minlength=num_classes).to(features.dtype)
     return sums, counts
 
@@ -197,20 +197,22 @@ class ClassMeanTracker(nn.Module):
         to have passed `check_batch`."""
         K = self.num_classes
         sums, counts = class_sums(features, labels, K)
-        stats = distributed_sum(torch.cat([sums, counts.unsqueeze(1)], dim=1))
-        sums, counts = stats[:, :-1], stats[:, -1]
+        if _distributed():  # one all-reduce for sums and counts
+            stats = distributed_sum(torch.cat([sums, counts.unsqueeze(1)], dim=1))
+            sums, counts = stats[:, :-1], stats[:, -1]
         total = counts.sum()
         present = counts > 0
         global_mean = sums.sum(0) / total
         batch_means = sums / counts.clamp_min(1).unsqueeze(1)  # zero rows for absent classes
         centred = (batch_means - global_mean) * present.unsqueeze(1)  # and here too
         vanish = coincide(centred, batch_means, (0, 1), total)
+        # a finite sum proves every entry finite (NaN/inf propagate), in one pass
         size, finite, vanishes = torch.stack(
-            [total, torch.isfinite(centred).all(), vanish]
+            [total, torch.isfinite(centred.detach().sum()), vanish]
         ).tolist()  # one host sync
         if not size > 0:
             raise ValueError("empty training batch (no samples on any rank)")
-        if not finite:
+        if not finite and not bool(torch.isfinite(centred).all()):  # the sum alone overflowed?
             raise ValueError(
                 f"the batch's class sums overflow {features.dtype} (features up to "
                 f"{float(features.detach().abs().max()):.3g}): rescale the features"
@@ -219,8 +221,9 @@ class ClassMeanTracker(nn.Module):
         appearances = self.appearances + present.long()
         alpha = self._alpha(appearances.clamp_min(1), features.dtype).unsqueeze(1)
         previous = self.means.detach().to(features.dtype)
-        means = torch.where(present.unsqueeze(1), alpha * batch + (1 - alpha) * previous, previous)
-        informative = bool(means.detach().abs().amax() > 0)
+        # alpha_k (batch_k - Hbar_k) + Hbar_k for the classes present, Hbar_k for the others
+        means = torch.lerp(previous, batch, alpha * present.unsqueeze(1))
+        informative = bool(max_abs(means.detach(), (0, 1)) > 0)
         return TrackerUpdate(means, normalise(means, (0, 1)), global_mean, appearances, informative)
 
     @torch.no_grad()

@@ -538,17 +538,21 @@ class ImplicitETFHead(_ETFHead):
                 "ImplicitETFHead needs targets in training mode (it tracks the class means); "
                 "call head.eval() for inference"
             )
-        tracked = self.tracker.compute(features, targets)
+        solving = int(self.num_steps) % self.solve_every == 0
+        # Between solves (solve_every > 1) the tracked means feed no solve: track without a graph
+        with torch.set_grad_enabled(solving and torch.is_grad_enabled()):
+            tracked = self.tracker.compute(features, targets)
         # Without class information yet (only single-class batches so far, e.g. class-sorted
         # data) the nearest ETF is undefined: keep the current frame until there is some.
-        if tracked.informative and int(self.num_steps) % self.solve_every == 0:
+        if solving and tracked.informative:
             U = self._solve(tracked.normalised.mT)
             if self.detach_frame:
                 U = U.detach()
-        else:  # reuse the last frame (solve_every > 1)
+        else:  # reuse the last frame
             U = self.frame.to(features.dtype, copy=True)
+        mean = tracked.global_mean if solving else _batch_mean(features)  # with gradient
         W = etf_classifier(U)
-        logits = F.linear(features, W, -(W @ tracked.global_mean))
+        logits = F.linear(features, W, -(W @ mean))
         update_mean = self._running_mean_update(tracked.global_mean)
         frame = U.detach()
 
