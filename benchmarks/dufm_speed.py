@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from nearest_etf.experiments.dufm.model import one_torch_thread
+from nearest_etf._threads import single_threaded
 from nearest_etf.experiments.dufm.sweep import SweepGrid, run_sweep
 from nearest_etf.experiments.dufm.train import DUFMConfig, train_dufm
 
@@ -30,7 +30,7 @@ def autograd_seconds_per_step(config: DUFMConfig, steps: int) -> float:
     problem = config.problem()
     params = [p.requires_grad_() for p in problem.init(config.seed, config.init_scale)]
     optimizer = torch.optim.SGD(params, lr=config.lr)
-    with one_torch_thread():
+    with single_threaded():
         start = time.perf_counter()
         for _ in range(steps):
             optimizer.zero_grad()

@@ -12,8 +12,8 @@ class means H, prox = the nearest ETF of an independently perturbed copy, random
             torch.autograd.grad through `nearest_etf(H, prox, backward=...)`, and the reference
             paper's structured KKT solve (benchmarks/structured_kkt.py), all at the closed-form U;
   float32   procrustes + analytic forward+backward (`nearest_etf` with its input checks, the
-            polar factor by the Gram route of nearest_etf/polar.py) against one float32 SVD of
-            A, timed interleaved.
+            polar factor by the Gram route of nearest_etf/polar_decomposition.py) against one
+            float32 SVD of A, timed interleaved.
 
 Ratios are against procrustes (forward, floor) or analytic (backward); accuracy is the
 relative objective gap and ||U - U_ref|| (forward) or the relative gradient error (backward)
@@ -584,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
         default=150.0,
         metavar="SECONDS",
         help="per-method time cap: a measurement still running after it is killed and reported "
-        f"as skipped; repeats stop once a method has used {REPEAT_SHARE:.0%} of it (default 150)",
+        f"as skipped; repeats stop once a method has used {REPEAT_SHARE:.0%}% of it (default 150)",
     )
     parser.add_argument(
         "--noise",

@@ -11,7 +11,7 @@ package limits its own threads, (a) ~ (b). Workloads:
   polar 512x100 float32        torch.autograd through polar(A), forward + backward
   polar 2048x1000 float32      the same at the ImageNet head size, which the package leaves all
                                threads (no target: on an idle machine (a) should be faster)
-  riemannian-adam 512x10       nearest_etf(H, prox, solver=RiemannianAdam(max_iterations=200))
+  riemannian-adam 512x10       nearest_etf(H, prox, solver=RiemannianAdamSolver(max_iterations=200))
                                (geoopt's QR retraction at every step)
   trust-regions 512x10         nearest_etf(H, prox, solver="trust-regions") (pymanopt)
   cg backward 512x10           dL/dH through nearest_etf(H, prox, backward="cg")
@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 from threadpoolctl import threadpool_limits
 
-from nearest_etf import RiemannianAdam, nearest_etf, polar, procrustes_target
+from nearest_etf import RiemannianAdamSolver, nearest_etf, polar, procrustes_target
 from nearest_etf._threads import single_threaded
 from nearest_etf.synthetic import noisy_etf_problem
 
@@ -56,7 +56,7 @@ def workloads() -> dict[str, tuple[Callable[[], object], bool]]:
     """name -> (call, has a target)."""
     p = noisy_etf_problem(512, 10, noise=1 / math.sqrt(512), seed=0)
     X = torch.randn(512, 10, dtype=torch.float64)
-    adam = RiemannianAdam(max_iterations=200)
+    adam = RiemannianAdamSolver(max_iterations=200)
 
     def riemannian_adam() -> object:
         with warnings.catch_warnings():  # it stops at max_iterations on purpose
