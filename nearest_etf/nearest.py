@@ -50,8 +50,8 @@ def procrustes_target(Hn: Tensor, prox: Tensor | None, delta: float) -> Tensor:
     """A = (2/sqrt(K-1)) Hn C + delta prox, so that the objective is const - tr(U^T A).
     Shapes [..., d, K]."""
     K = Hn.shape[-1]
-    A = (2 / math.sqrt(K - 1)) * centre_columns(Hn)
-    return A if prox is None else torch.add(A, prox, alpha=delta)
+    A = centre_columns(Hn).mul_(2 / math.sqrt(K - 1))  # in place on a fresh tensor
+    return A if prox is None else A.add_(prox, alpha=delta)
 
 
 def nearest_etf_objective(

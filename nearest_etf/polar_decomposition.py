@@ -54,6 +54,7 @@ import math
 import torch
 from torch import Tensor
 
+from nearest_etf._blas import gram
 from nearest_etf._threads import is_small, single_threaded
 from nearest_etf._validation import check_float_tensor, pow2_scale
 
@@ -138,7 +139,7 @@ def polar_gram(A: Tensor, dtype: torch.dtype) -> tuple[Factors, Tensor]:
     K = A.shape[-1]
     eps_c, eps_out = torch.finfo(dtype).eps, torch.finfo(A.dtype).eps
     B = A.to(dtype)
-    e, V = torch.linalg.eigh(B.mT @ B)  # ascending eigenvalues
+    e, V = torch.linalg.eigh(gram(B))  # ascending eigenvalues
     e_min, e_max = e[..., 0], e[..., -1]
     conditioned = e_min * (GRAM_TOLERANCE * eps_out) >= e_max * eps_c  # False for NaN, e_max = 0
     s = e.clamp_min(torch.finfo(dtype).tiny).sqrt()
@@ -147,7 +148,7 @@ def polar_gram(A: Tensor, dtype: torch.dtype) -> tuple[Factors, Tensor]:
     rough = conditioned & (e_min * (POLISH_TOLERANCE * eps_out) < e_max * eps_c)
     if bool(rough.any()):
         eye = torch.eye(K, dtype=dtype, device=A.device)
-        polished = Q + Q @ ((eye - Q.mT @ Q) / 2)
+        polished = Q + Q @ ((eye - gram(Q)) / 2)
         Q = torch.where(rough.reshape(*rough.shape, 1, 1), polished, Q)
     z = torch.full((K, 1), 1 / math.sqrt(K), dtype=dtype, device=A.device)
     residual = torch.linalg.vector_norm((Q.mT @ (Q @ z) - z).squeeze(-1), dim=-1)
