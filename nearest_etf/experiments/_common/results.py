@@ -5,7 +5,7 @@ commands. Rows are dicts, one per (method, seed, epoch). Every file is written a
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,13 @@ from nearest_etf.experiments._common.runs import atomic_path, write_json
 __all__ = [
     "ACCURACY_PANELS",
     "final_accuracy_summary",
+    "final_summaries",
+    "format_final_table",
     "mean_curve",
     "plot_mean_curves",
     "save_figure",
     "write_csv",
+    "write_metrics",
     "write_metrics_and_summary",
 ]
 
@@ -59,22 +62,29 @@ def save_figure(fig: Figure, path: Path, dpi: int = DPI) -> Path:
     return path
 
 
+def write_metrics(
+    rows: Sequence[Mapping[str, object]], config: Any, out_dir: Path
+) -> dict[str, Path]:
+    """metrics.csv and metrics.json (`asdict(config)` and the rows) of the per-epoch rows so far
+    into `out_dir` (rewritten after every epoch); their paths."""
+    paths = {"csv": out_dir / "metrics.csv", "json": out_dir / "metrics.json"}
+    write_csv(rows, paths["csv"])
+    write_json(paths["json"], {"config": asdict(config), "rows": list(rows)})
+    return paths
+
+
 def write_metrics_and_summary(
     config: Any,
     rows: Sequence[Mapping[str, object]],
     summary: Sequence[Mapping[str, object]],
     out_dir: Path,
 ) -> dict[str, Path]:
-    """metrics.csv/json (per-epoch rows) and summary.csv/json (per method) into `out_dir`;
-    the JSON files also hold `asdict(config)`."""
-    paths = {
-        name: out_dir / name
-        for name in ("metrics.csv", "metrics.json", "summary.csv", "summary.json")
-    }
-    write_csv(rows, paths["metrics.csv"])
-    write_csv(summary, paths["summary.csv"])
-    write_json(paths["metrics.json"], {"config": asdict(config), "rows": list(rows)})
-    write_json(paths["summary.json"], {"config": asdict(config), "summary": list(summary)})
+    """metrics.csv/json (per-epoch rows, `write_metrics`) and summary.csv/json (per method)
+    into `out_dir`; the JSON files also hold `asdict(config)`."""
+    paths = write_metrics(rows, config, out_dir)
+    paths |= {"summary_csv": out_dir / "summary.csv", "summary_json": out_dir / "summary.json"}
+    write_csv(summary, paths["summary_csv"])
+    write_json(paths["summary_json"], {"config": asdict(config), "summary": list(summary)})
     return paths
 
 
@@ -88,6 +98,56 @@ def final_accuracy_summary(final: Sequence[Mapping[str, object]]) -> dict[str, f
         summary[f"{key}_std"] = float(values.std())
     summary["seconds_per_run"] = float(np.mean([float(r["seconds"]) for r in final]))
     return summary
+
+
+def final_summaries(
+    rows: Sequence[Mapping[str, object]],
+    by: str,
+    names: Sequence[str],
+    epochs: int,
+    details: Callable[[str, Sequence[Mapping[str, object]]], dict[str, object]],
+) -> list[dict[str, object]]:
+    """One summary row per name (of rows[by]) over its rows of the final epoch `epochs` (one per
+    seed that did not diverge): {by: name, "seeds": their number}, `final_accuracy_summary`
+    and `details(name, final rows)`; {by: name, "seeds": 0} where every seed diverged."""
+    out: list[dict[str, object]] = []
+    for name in names:
+        final = [r for r in rows if r[by] == name and r["epoch"] == epochs]
+        summary: dict[str, object] = {by: name, "seeds": len(final)}
+        if final:
+            summary |= final_accuracy_summary(final) | details(name, final)
+        out.append(summary)
+    return out
+
+
+def format_final_table(
+    summary: Sequence[Mapping[str, object]],
+    by: str,
+    width: int,
+    columns: Sequence[tuple[str, int, Callable[[Mapping[str, object]], str]]],
+) -> str:
+    """A plain-text table of `final_summaries` rows: the name (rows[by], `width` characters),
+    the test and train accuracy (mean +- std over the seeds, in percent), one column per
+    (header, width, cell text of a row) in `columns`, and the seconds per run; "every run
+    diverged" for a name without final rows."""
+    lines = [
+        f"{by:<{width}}{'test acc [%]':>16}{'train acc [%]':>16}"
+        + "".join(f"{header:>{w}}" for header, w, _ in columns)
+        + f"{'s/run':>8}"
+    ]
+    for s in summary:
+        if not s["seeds"]:
+            lines.append(f"{s[by]:<{width}}  every run diverged")
+            continue
+        lines.append(
+            f"{s[by]:<{width}}"
+            f"{PERCENT * s['test_accuracy_mean']:>9.2f} +- {PERCENT * s['test_accuracy_std']:<4.2f}"
+            f"{PERCENT * s['train_accuracy_mean']:>9.2f} +- "
+            f"{PERCENT * s['train_accuracy_std']:<4.2f}"
+            + "".join(f"{cell(s):>{w}}" for _, w, cell in columns)
+            + f"{s['seconds_per_run']:>8.1f}"
+        )
+    return "\n".join(lines)
 
 
 def mean_curve(rows: Sequence[Mapping[str, object]], by: str, name: str, key: str) -> np.ndarray:
