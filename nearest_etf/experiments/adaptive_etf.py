@@ -59,6 +59,7 @@ from nearest_etf.experiments._common.options import (
 from nearest_etf.experiments._common.plotting import PERCENT, line_styles, style_axes, suptitle
 from nearest_etf.experiments._common.results import (
     ACCURACY_PANELS,
+    Rows,
     final_summaries,
     format_final_table,
     mean_curve,
@@ -298,13 +299,11 @@ def run_adaptive_etf(
     return runs.run_all(config, data, method_names(config), _run, _check_config)
 
 
-def _summary_rows(
-    rows: Sequence[dict[str, object]], config: AdaptiveETFConfig
-) -> list[dict[str, object]]:
+def _summary_rows(rows: Rows, config: AdaptiveETFConfig) -> list[dict[str, object]]:
     """Per method, over seeds: final accuracies (mean, std), trainable parameters, effective
     depth and freeze epoch per seed, seconds per run."""
 
-    def details(method: str, final: Sequence[dict[str, object]]) -> dict[str, object]:
+    def details(method: str, final: Rows) -> dict[str, object]:
         ncc_final = [[float(r[f"ncc_{i + 1}"]) for i in range(config.depth)] for r in final]
         if method.startswith("adaptive-"):
             depths = [int(r["frozen_from"]) for r in final]
@@ -323,12 +322,12 @@ def _summary_rows(
     return final_summaries(rows, "method", method_names(config), config.epochs, details)
 
 
-def _summary(rows: Sequence[dict[str, object]], config: AdaptiveETFConfig) -> str:
+def _summary(rows: Rows, config: AdaptiveETFConfig) -> str:
     """The printed summary: `format_summary` of the rows' `summary.csv`."""
     return format_summary(_summary_rows(rows, config))
 
 
-def _plot_ncc(rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, path: Path) -> None:
+def _plot_ncc(rows: Rows, config: AdaptiveETFConfig, path: Path) -> None:
     """Per method: training NCC accuracy of every hidden layer vs epoch (mean over seeds)."""
     methods = method_names(config)
     fig = Figure(figsize=(4.5 * len(methods), 3.8), layout="constrained")
@@ -365,10 +364,7 @@ def _title(config: AdaptiveETFConfig, what: str) -> str:
 
 
 def write_results(
-    rows: Sequence[dict[str, object]],
-    config: AdaptiveETFConfig,
-    out_dir: Path,
-    figure_format: str = "png",
+    rows: Rows, config: AdaptiveETFConfig, out_dir: Path, figure_format: str = "png"
 ) -> dict[str, Path]:
     """metrics.csv/json, summary.csv/json, ncc_curves and accuracy figures (in
     `figure_format`) into out_dir."""
@@ -393,7 +389,7 @@ def _epochs_cell(key: str) -> Callable[[Mapping[str, object]], str]:
     return lambda s: " ".join("-" if v == "-1" else v for v in str(s[key]).split())
 
 
-def format_summary(summary: Sequence[dict[str, object]]) -> str:
+def format_summary(summary: Rows) -> str:
     """A plain-text table of `summary.csv`."""
     columns = (
         ("trainable", 11, lambda s: f"{s['trainable_params']:.0f}"),

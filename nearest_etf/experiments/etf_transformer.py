@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from nearest_etf.experiments._common import distributed
 from nearest_etf.experiments._common.options import TrainingOptions, config_from_args, positive_int
 from nearest_etf.experiments._common.results import (
     ACCURACY_PANELS,
+    Rows,
     final_summaries,
     format_final_table,
     plot_mean_curves,
@@ -196,9 +196,7 @@ def run_etf_transformer(
     return runs.run_all(config, data, config.variants, _run, check_config)
 
 
-def _summary_rows(
-    rows: Sequence[dict[str, object]], config: ETFTransformerConfig
-) -> list[dict[str, object]]:
+def _summary_rows(rows: Rows, config: ETFTransformerConfig) -> list[dict[str, object]]:
     return final_summaries(
         rows,
         "variant",
@@ -211,12 +209,12 @@ def _summary_rows(
     )
 
 
-def _summary(rows: Sequence[dict[str, object]], config: ETFTransformerConfig) -> str:
+def _summary(rows: Rows, config: ETFTransformerConfig) -> str:
     """The printed summary: `format_summary` of the rows' summary.csv."""
     return format_summary(_summary_rows(rows, config))
 
 
-def format_summary(summary: Sequence[dict[str, object]]) -> str:
+def format_summary(summary: Rows) -> str:
     """A plain-text table of summary.csv."""
     columns = (
         ("trainable", 11, lambda s: str(s["trainable_params"])),
@@ -226,10 +224,7 @@ def format_summary(summary: Sequence[dict[str, object]]) -> str:
 
 
 def write_results(
-    rows: Sequence[dict[str, object]],
-    config: ETFTransformerConfig,
-    out_dir: Path,
-    figure_format: str = "png",
+    rows: Rows, config: ETFTransformerConfig, out_dir: Path, figure_format: str = "png"
 ) -> dict[str, Path]:
     """metrics.csv/json, summary.csv/json and the accuracy figure (in `figure_format`) into
     out_dir."""

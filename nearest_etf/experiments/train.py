@@ -56,7 +56,7 @@ from nearest_etf.experiments._common.plotting import (
     style_axes,
     suptitle,
 )
-from nearest_etf.experiments._common.results import save_figure, write_metrics
+from nearest_etf.experiments._common.results import Rows, save_figure, write_metrics
 from nearest_etf.experiments._common.runs import UserError, write_text
 from nearest_etf.experiments._common.training import (
     EpochLoop,
@@ -294,7 +294,7 @@ def train_all(
     return runs.run_all(config, data, config.heads, _train, balanced=config.balanced_batches)
 
 
-def _plot(rows: Sequence[dict[str, object]], config: TrainConfig, path: Path) -> None:
+def _plot(rows: Rows, config: TrainConfig, path: Path) -> None:
     """One panel per metric: mean over seeds vs epoch per head, min-max band (runs that
     did not diverge only)."""
     diverged = {(r["head"], r["seed"]) for r in rows if r["status"] != "ok"}
@@ -334,10 +334,7 @@ def _plot(rows: Sequence[dict[str, object]], config: TrainConfig, path: Path) ->
 
 
 def write_results(
-    rows: Sequence[dict[str, object]],
-    config: TrainConfig,
-    out_dir: Path,
-    figure_format: str = "png",
+    rows: Rows, config: TrainConfig, out_dir: Path, figure_format: str = "png"
 ) -> dict[str, Path]:
     """Write metrics.csv, metrics.json (config + rows) and the figure comparison.<format>
     into out_dir."""
@@ -360,7 +357,7 @@ def _cell(values: Sequence[float]) -> str:
 
 
 def summarise(
-    rows: Sequence[dict[str, object]],
+    rows: Rows,
     heads: Sequence[str],
     thresholds: dict[str, float] | None = None,
 ) -> str:

@@ -24,6 +24,7 @@ from nearest_etf.experiments._common.runs import atomic_path, write_json
 
 __all__ = [
     "ACCURACY_PANELS",
+    "Rows",
     "final_accuracy_summary",
     "final_summaries",
     "format_final_table",
@@ -35,6 +36,8 @@ __all__ = [
     "write_metrics_and_summary",
 ]
 
+Rows = Sequence[Mapping[str, object]]  # a command's per-epoch (or summary) rows, one dict each
+
 # (key, axis label, display factor): accuracies are stored as fractions, shown in percent
 ACCURACY_PANELS = (
     ("train_accuracy", "train accuracy [%]", PERCENT),
@@ -42,7 +45,7 @@ ACCURACY_PANELS = (
 )
 
 
-def write_csv(rows: Sequence[Mapping[str, object]], path: Path) -> None:
+def write_csv(rows: Rows, path: Path) -> None:
     """Write `rows` (dicts) as a CSV with a header: the keys in order of first appearance, a
     row's missing keys (and None) as empty cells."""
     if not rows:
@@ -62,9 +65,7 @@ def save_figure(fig: Figure, path: Path, dpi: int = DPI) -> Path:
     return path
 
 
-def write_metrics(
-    rows: Sequence[Mapping[str, object]], config: Any, out_dir: Path
-) -> dict[str, Path]:
+def write_metrics(rows: Rows, config: Any, out_dir: Path) -> dict[str, Path]:
     """metrics.csv and metrics.json (`asdict(config)` and the rows) of the per-epoch rows so far
     into `out_dir` (rewritten after every epoch); their paths."""
     paths = {"csv": out_dir / "metrics.csv", "json": out_dir / "metrics.json"}
@@ -75,8 +76,8 @@ def write_metrics(
 
 def write_metrics_and_summary(
     config: Any,
-    rows: Sequence[Mapping[str, object]],
-    summary: Sequence[Mapping[str, object]],
+    rows: Rows,
+    summary: Rows,
     out_dir: Path,
 ) -> dict[str, Path]:
     """metrics.csv/json (per-epoch rows, `write_metrics`) and summary.csv/json (per method)
@@ -88,7 +89,7 @@ def write_metrics_and_summary(
     return paths
 
 
-def final_accuracy_summary(final: Sequence[Mapping[str, object]]) -> dict[str, float]:
+def final_accuracy_summary(final: Rows) -> dict[str, float]:
     """Over the final-epoch rows of one method (one per seed): mean and std of test_accuracy and
     train_accuracy (fractions, like the rows), and the mean of seconds (per run)."""
     summary = {}
@@ -101,11 +102,11 @@ def final_accuracy_summary(final: Sequence[Mapping[str, object]]) -> dict[str, f
 
 
 def final_summaries(
-    rows: Sequence[Mapping[str, object]],
+    rows: Rows,
     by: str,
     names: Sequence[str],
     epochs: int,
-    details: Callable[[str, Sequence[Mapping[str, object]]], dict[str, object]],
+    details: Callable[[str, Rows], dict[str, object]],
 ) -> list[dict[str, object]]:
     """One summary row per name (of rows[by]) over its rows of the final epoch `epochs` (one per
     seed that did not diverge): {by: name, "seeds": their number}, `final_accuracy_summary`
@@ -121,7 +122,7 @@ def final_summaries(
 
 
 def format_final_table(
-    summary: Sequence[Mapping[str, object]],
+    summary: Rows,
     by: str,
     width: int,
     columns: Sequence[tuple[str, int, Callable[[Mapping[str, object]], str]]],
@@ -150,7 +151,7 @@ def format_final_table(
     return "\n".join(lines)
 
 
-def mean_curve(rows: Sequence[Mapping[str, object]], by: str, name: str, key: str) -> np.ndarray:
+def mean_curve(rows: Rows, by: str, name: str, key: str) -> np.ndarray:
     """Per epoch (ascending), the mean over the rows with rows[by] == name (the seeds) of key."""
     mine = [r for r in rows if r[by] == name]
     epochs = sorted({int(r["epoch"]) for r in mine})  # type: ignore[call-overload]
@@ -158,7 +159,7 @@ def mean_curve(rows: Sequence[Mapping[str, object]], by: str, name: str, key: st
 
 
 def plot_mean_curves(
-    rows: Sequence[Mapping[str, object]],
+    rows: Rows,
     by: str,
     labels: Mapping[str, str],
     panels: Sequence[tuple[str, str, float]],

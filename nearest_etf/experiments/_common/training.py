@@ -67,7 +67,7 @@ __all__ = [
     "training_loader",
 ]
 
-Rows = list[dict[str, object]]
+RowList = list[dict[str, object]]
 
 EVAL_BATCH_SIZE = 1024
 
@@ -167,9 +167,9 @@ def open_training_run(
 def run_training_command(
     args: Any,
     config: Any,
-    train: Callable[[Any, DataSplits, RunSeries], Rows],
-    write_results: Callable[[Rows, Any, Path, str], dict[str, Path]],
-    summary: Callable[[Rows, Any], str],
+    train: Callable[[Any, DataSplits, RunSeries], RowList],
+    write_results: Callable[[RowList, Any, Path, str], dict[str, Path]],
+    summary: Callable[[RowList, Any], str],
     check: Callable[[Any, DataSplits], str | None],
     summary_file: bool = False,
 ) -> None:
@@ -318,11 +318,11 @@ class EpochLoop:
     """
 
     def __init__(
-        self, checkpoint: Path | None = None, on_epoch: Callable[[Rows], None] | None = None
+        self, checkpoint: Path | None = None, on_epoch: Callable[[RowList], None] | None = None
     ) -> None:
         self.checkpoint = checkpoint
         self.on_epoch = on_epoch
-        self.rows: Rows = []
+        self.rows: RowList = []
         self.divergence: dict[str, object] | None = None
         self._state: dict[str, Any] | None = None
         if checkpoint is not None and checkpoint.is_file():
@@ -418,11 +418,11 @@ class RunSeries:
     def __init__(
         self,
         directory: RunDirectory | None = None,
-        write_rows: Callable[[Rows], None] | None = None,
+        write_rows: Callable[[RowList], None] | None = None,
     ) -> None:
         self.directory = directory
         self.write_rows = write_rows
-        self.rows: Rows = []
+        self.rows: RowList = []
         self.diverged: dict[str, dict[str, object]] = {}
 
     @property
@@ -434,10 +434,10 @@ class RunSeries:
         if self.write_rows is not None and rows:
             self.write_rows(list(rows))
 
-    def run(self, key: str, train: Callable[[EpochLoop], Rows]) -> Rows:
+    def run(self, key: str, train: Callable[[EpochLoop], RowList]) -> RowList:
         record = self.directory.finished(key) if self.directory is not None else None
         if record is not None:
-            rows: Rows = record["rows"]
+            rows: RowList = record["rows"]
             if record.get("divergence"):
                 self.diverged[key] = record["divergence"]
         else:
@@ -459,11 +459,11 @@ class RunSeries:
         config: Any,
         data: DataSplits | None,
         names: Sequence[str],
-        train: Callable[[TrainingRun], Rows],
+        train: Callable[[TrainingRun], RowList],
         check: Callable[[Any, DataSplits], object] | None = None,
         *,
         balanced: bool = False,
-    ) -> Rows:
+    ) -> RowList:
         """Every run of a training command with `config`: each name with each seed
         0..config.seeds-1 (seed by seed; run keys <name>-seed<s>), `train(run)` on a
         `TrainingRun` (networks written into this series' directory; `balanced` batches) for
