@@ -3,7 +3,8 @@
 
 A command's runs (one per method/head/variant and seed) go through a `RunSeries`: a finished
 run is read back from the run directory instead of trained again, the run in progress gets an
-`EpochLoop`, and the command's metrics table is rewritten after every epoch. The `EpochLoop`
+`EpochLoop` (in a `TrainingRun`: the run's seed, device, loaders, step bar and network file),
+and the command's metrics table is rewritten after every epoch. The `EpochLoop`
 is the training loop's hooks: `start` (restore model, optimiser, schedule, loader generator and
 RNG from the run's checkpoint; returns the epochs already done), `diverged` (after each epoch's
 steps: a non-finite or exploding loss or parameter ends the run, its rows so far are kept) and
