@@ -185,34 +185,42 @@ def run(
     }
 
 
+def _groups(
+    records: Sequence[dict[str, object]], fields: tuple[str, ...]
+) -> dict[tuple[object, ...], list[dict[str, object]]]:
+    """The records grouped by their values of `fields`, in order of first appearance."""
+    groups: dict[tuple[object, ...], list[dict[str, object]]] = {}
+    for r in records:
+        groups.setdefault(tuple(r[f] for f in fields), []).append(r)
+    return groups
+
+
+def _rose_diverged(group: Sequence[dict[str, object]]) -> str:
+    """The cell "rose/diverged of runs": the runs whose loss rose tenfold, those that
+    diverged, and all runs of `group`."""
+    rose = sum(bool(r["rose"]) for r in group)
+    diverged = sum(r["status"] != "ok" for r in group)
+    return f"{rose}/{diverged} of {len(group)}"
+
+
 def table(records: Sequence[dict[str, object]]) -> str:
     """One line per (data set, variant, optimiser, lr): test accuracy mean [min, max] over the
     seeds, final loss mean, seeds whose loss rose tenfold or diverged."""
-    keys = list(
-        dict.fromkeys((r["dataset"], r["variant"], r["optimizer"], r["lr"]) for r in records)
-    )
     lines = [
         f"{'dataset':<8} {'head':<18} {'optim':<5} {'lr':>7} {'test acc [%] mean [min, max]':>30} "
         f"{'final loss':>11} {'rose/diverged':>14}"
     ]
-    for dataset, variant, optimizer, lr in keys:
-        group = [
-            r
-            for r in records
-            if (r["dataset"], r["variant"], r["optimizer"], r["lr"])
-            == (dataset, variant, optimizer, lr)
-        ]
+    groups = _groups(records, ("dataset", "variant", "optimizer", "lr"))
+    for (dataset, variant, optimizer, lr), group in groups.items():
         acc = np.array([float(r["test_accuracy"]) for r in group])
         finite = acc[np.isfinite(acc)]
         cell = (
             f"{finite.mean():.1f} [{finite.min():.1f}, {finite.max():.1f}]" if finite.size else "-"
         )
         loss = statistics.fmean(float(r["final_loss"]) for r in group)
-        rose = sum(bool(r["rose"]) for r in group)
-        diverged = sum(r["status"] != "ok" for r in group)
         lines.append(
             f"{dataset:<8} {variant:<18} {optimizer:<5} {lr:>7g} {cell:>30} {loss:>11.4f} "
-            f"{f'{rose}/{diverged} of {len(group)}':>14}"
+            f"{_rose_diverged(group):>14}"
         )
     return "\n".join(lines)
 
@@ -221,22 +229,15 @@ def overview(records: Sequence[dict[str, object]]) -> str:
     """One line per (data set, variant) over its whole optimiser x lr grid: the mean test
     accuracy over every run, the worst (optimiser, lr) cell's mean, and the runs that rose or
     diverged."""
-    keys = list(dict.fromkeys((r["dataset"], r["variant"]) for r in records))
     lines = [
         f"{'dataset':<8} {'head':<18} {'mean acc':>9} {'worst cell':>11} {'rose/diverged':>14}"
     ]
-    for dataset, variant in keys:
-        group = [r for r in records if (r["dataset"], r["variant"]) == (dataset, variant)]
-        cells: dict[tuple[object, object], list[float]] = {}
-        for r in group:
-            cells.setdefault((r["optimizer"], r["lr"]), []).append(float(r["test_accuracy"]))
+    for (dataset, variant), group in _groups(records, ("dataset", "variant")).items():
+        cells = _groups(group, ("optimizer", "lr")).values()
         mean = statistics.fmean(float(r["test_accuracy"]) for r in group)
-        worst = min(statistics.fmean(v) for v in cells.values())
-        rose = sum(bool(r["rose"]) for r in group)
-        diverged = sum(r["status"] != "ok" for r in group)
+        worst = min(statistics.fmean(float(r["test_accuracy"]) for r in cell) for cell in cells)
         lines.append(
-            f"{dataset:<8} {variant:<18} {mean:>9.1f} {worst:>11.1f} "
-            f"{f'{rose}/{diverged} of {len(group)}':>14}"
+            f"{dataset:<8} {variant:<18} {mean:>9.1f} {worst:>11.1f} {_rose_diverged(group):>14}"
         )
     return "\n".join(lines)
 

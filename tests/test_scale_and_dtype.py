@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -53,109 +54,69 @@ def _data() -> dict[str, Tensor]:
     }
 
 
-def _first(value: object) -> object:
-    return value[0] if isinstance(value, tuple) else value
+_FLOAT_ARGS = frozenset(k for k, v in _data().items() if v.is_floating_point())
 
 
-# Every public metric: (call, its float arguments, the arguments a rescaling multiplies, degree of
-# homogeneity in that rescaling: value(c x) = c^degree value(x)).
-Call = Callable[[dict[str, Tensor]], object]
-METRICS: dict[str, tuple[Call, tuple[str, ...], tuple[str, ...], int]] = {
-    "class_means": (
-        lambda t: _first(metrics.class_means(t["features"], t["labels"], K)),
-        ("features",),
-        ("features",),
-        1,
+@dataclass(frozen=True)
+class Metric:
+    """A public metric under test: `function` of `args` (names of `_data()` entries; other
+    values are passed as they are), of which a rescaling multiplies `scaled`; its value is
+    homogeneous of `degree` in that rescaling: value(c x) = c^degree value(x)."""
+
+    function: Callable[..., object]
+    args: tuple[object, ...]
+    scaled: tuple[str, ...]
+    degree: int = 0
+
+    def __call__(self, t: dict[str, Tensor]) -> object:
+        return self.function(*(t[a] if isinstance(a, str) else a for a in self.args))
+
+    @property
+    def float_args(self) -> tuple[str, ...]:
+        """Its float tensor arguments."""
+        return tuple(a for a in self.args if a in _FLOAT_ARGS)
+
+
+FEATURES = ("features", "labels", K)
+MEANS = ("means", "global_mean")
+CLASSIFIER = ("weight", *MEANS)
+# Every public metric by name.
+METRICS = {
+    "class_means": Metric(lambda *a: metrics.class_means(*a)[0], FEATURES, ("features",), 1),
+    "nc1": Metric(nc1, FEATURES, ("features",)),
+    "singular_values": Metric(metrics.singular_values, ("M",), ("M",), 1),
+    "numerical_rank": Metric(numerical_rank, ("M",), ("M",)),
+    "effective_rank": Metric(metrics.effective_rank, ("M",), ("M",)),
+    "rank_of_singular_values": Metric(metrics.rank_of_singular_values, ("s", 0.05), ("s",)),
+    "etf_distance": Metric(metrics.etf_distance, MEANS, MEANS),
+    "orthogonal_frame_distance": Metric(metrics.orthogonal_frame_distance, ("means",), ("means",)),
+    "classifier_etf_distance": Metric(metrics.classifier_etf_distance, ("weight",), ("weight",)),
+    "self_duality": Metric(metrics.self_duality, CLASSIFIER, MEANS),
+    "bias_collapse": Metric(
+        metrics.bias_collapse, ("weight", "bias", "global_mean"), ("bias", "global_mean"), 1
     ),
-    "nc1": (lambda t: nc1(t["features"], t["labels"], K), ("features",), ("features",), 0),
-    "singular_values": (lambda t: metrics.singular_values(t["M"]), ("M",), ("M",), 1),
-    "numerical_rank": (lambda t: numerical_rank(t["M"]), ("M",), ("M",), 0),
-    "effective_rank": (lambda t: metrics.effective_rank(t["M"]), ("M",), ("M",), 0),
-    "rank_of_singular_values": (
-        lambda t: metrics.rank_of_singular_values(t["s"], 0.05),
-        ("s",),
-        ("s",),
-        0,
+    "equinorm": Metric(metrics.equinorm, ("rows",), ("rows",)),
+    "ncc_mismatch": Metric(
+        metrics.ncc_mismatch, ("features", "predictions", "means"), ("features", "means")
     ),
-    "etf_distance": (
-        lambda t: metrics.etf_distance(t["means"], t["global_mean"]),
-        ("means", "global_mean"),
-        ("means", "global_mean"),
-        0,
-    ),
-    "orthogonal_frame_distance": (
-        lambda t: metrics.orthogonal_frame_distance(t["means"]),
-        ("means",),
-        ("means",),
-        0,
-    ),
-    "classifier_etf_distance": (
-        lambda t: metrics.classifier_etf_distance(t["weight"]),
-        ("weight",),
-        ("weight",),
-        0,
-    ),
-    "self_duality": (
-        lambda t: metrics.self_duality(t["weight"], t["means"], t["global_mean"]),
-        ("weight", "means", "global_mean"),
-        ("means", "global_mean"),
-        0,
-    ),
-    "bias_collapse": (
-        lambda t: metrics.bias_collapse(t["weight"], t["bias"], t["global_mean"]),
-        ("weight", "bias", "global_mean"),
-        ("bias", "global_mean"),
-        1,
-    ),
-    "equinorm": (lambda t: metrics.equinorm(t["rows"]), ("rows",), ("rows",), 0),
-    "ncc_mismatch": (
-        lambda t: metrics.ncc_mismatch(t["features"], t["predictions"], t["means"]),
-        ("features", "means"),
-        ("features", "means"),
-        0,
-    ),
-    "ncc_accuracy": (
-        lambda t: ncc_accuracy(t["features"], t["labels"], K, t["means"]),
-        ("features", "means"),
-        ("features", "means"),
-        0,
-    ),
-    "cosine_margin": (
-        lambda t: metrics.cosine_margin(t["features"], t["labels"], t["weight"], t["global_mean"]),
-        ("features", "weight", "global_mean"),
+    "ncc_accuracy": Metric(ncc_accuracy, (*FEATURES, "means"), ("features", "means")),
+    "cosine_margin": Metric(
+        metrics.cosine_margin,
+        ("features", "labels", "weight", "global_mean"),
         ("features", "global_mean"),
-        0,
     ),
-    "nearest_etf_distance": (
-        lambda t: metrics.nearest_etf_distance(t["means"], t["global_mean"]),
-        ("means", "global_mean"),
-        ("means", "global_mean"),
-        0,
+    "nearest_etf_distance": Metric(metrics.nearest_etf_distance, MEANS, MEANS),
+    "variability_collapse_index": Metric(
+        metrics.variability_collapse_index, FEATURES, ("features",)
     ),
-    "variability_collapse_index": (
-        lambda t: metrics.variability_collapse_index(t["features"], t["labels"], K),
-        ("features",),
-        ("features",),
-        0,
-    ),
-    "class_numerical_rank": (
-        lambda t: metrics.class_numerical_rank(t["features"], t["labels"], K),
-        ("features",),
-        ("features",),
-        0,
-    ),
-    "self_duality_product": (
-        lambda t: metrics.self_duality_product(t["weight"], t["means"], t["global_mean"]),
-        ("weight", "means", "global_mean"),
-        ("means", "global_mean"),
-        0,
-    ),
+    "class_numerical_rank": Metric(metrics.class_numerical_rank, FEATURES, ("features",)),
+    "self_duality_product": Metric(metrics.self_duality_product, CLASSIFIER, MEANS),
 }
 
 
 def test_every_public_metric_is_covered():
     functions = {n for n in metrics.collapse.__all__ if callable(getattr(metrics.collapse, n))}
-    functions -= {"CollapseStatistics", "collapse_metrics"}
+    functions -= {"CollapseStatistics", "ScatterOptions", "collapse_metrics"}
     assert functions == set(METRICS)
 
 
@@ -173,39 +134,41 @@ SCALES = [(F32, 1e-30), (F32, 1e19), (F32, 1e30), (F32, 3e36), (F64, 1e-300), (F
 @pytest.mark.parametrize("name", sorted(METRICS))
 @pytest.mark.parametrize(("dtype", "scale"), SCALES)
 def test_metrics_hold_over_the_dtype_range(name: str, dtype: torch.dtype, scale: float):
-    call, _, scaled, degree = METRICS[name]
+    metric = METRICS[name]
     t = _data()
-    expected = _as_array(call(t)) * scale**degree  # float64 at scale 1
-    value = call(
+    expected = _as_array(metric(t)) * scale**metric.degree  # float64 at scale 1
+    value = metric(
         {
-            k: (v * scale if k in scaled else v).to(dtype) if v.is_floating_point() else v
+            k: (v * scale if k in metric.scaled else v).to(dtype) if v.is_floating_point() else v
             for k, v in t.items()
         }
     )
     rtol = 1e-4 if dtype == F32 else 1e-10
-    np.testing.assert_allclose(_as_array(value), expected, rtol=rtol, atol=rtol * scale**degree)
+    np.testing.assert_allclose(
+        _as_array(value), expected, rtol=rtol, atol=rtol * scale**metric.degree
+    )
 
 
 @pytest.mark.parametrize("name", sorted(METRICS))
 def test_non_finite_input_is_rejected_naming_the_argument(name: str):
-    call, float_args, _, _ = METRICS[name]
-    for arg in float_args:
+    metric = METRICS[name]
+    for arg in metric.float_args:
         for bad in (float("nan"), float("inf")):
             t = _data()
             t[arg] = t[arg].clone()
             t[arg].view(-1)[1] = bad
             with pytest.raises(ValueError, match=f"{arg} has non-finite"):
-                call(t)
+                metric(t)
 
 
 @pytest.mark.parametrize("name", sorted(METRICS))
 @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
 def test_low_precision_is_computed_in_float32(name: str, low: torch.dtype):
-    call, float_args, _, _ = METRICS[name]
+    metric = METRICS[name]
     t = _data()
-    rounded = {k: v.to(low) if k in float_args else v for k, v in t.items()}
-    upcast = {k: v.float() if k in float_args else v for k, v in rounded.items()}
-    value, expected = call(rounded), call(upcast)
+    rounded = {k: v.to(low) if k in metric.float_args else v for k, v in t.items()}
+    upcast = {k: v.float() if k in metric.float_args else v for k, v in rounded.items()}
+    value, expected = metric(rounded), metric(upcast)
     if isinstance(value, Tensor):
         assert value.dtype == F32
     np.testing.assert_array_equal(_as_array(value), _as_array(expected))
@@ -214,12 +177,12 @@ def test_low_precision_is_computed_in_float32(name: str, low: torch.dtype):
 @pytest.mark.parametrize("name", sorted(METRICS))
 @pytest.mark.parametrize("bad", [torch.int64, torch.complex64])
 def test_other_dtypes_raise_the_packages_type_error(name: str, bad: torch.dtype):
-    call, float_args, _, _ = METRICS[name]
-    for arg in float_args:
+    metric = METRICS[name]
+    for arg in metric.float_args:
         t = _data()
         t[arg] = t[arg].to(bad)
         with pytest.raises(TypeError, match=f"{arg} must be a floating-point tensor.*{bad}"):
-            call(t)
+            metric(t)
 
 
 def test_etf_distance_of_bfloat16_means_is_computed_in_float32():

@@ -39,9 +39,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,36 +51,28 @@ from torch import nn
 from nearest_etf.experiments._common import distributed
 from nearest_etf.experiments._common.options import (
     TrainingOptions,
-    add_data_arguments,
-    add_optimisation_arguments,
-    add_run_arguments,
+    add_field_arguments,
     config_from_args,
-    default_out_dir,
     nonnegative_float,
     positive_int,
 )
 from nearest_etf.experiments._common.plotting import PERCENT, line_styles, style_axes, suptitle
 from nearest_etf.experiments._common.results import (
     ACCURACY_PANELS,
-    final_accuracy_summary,
+    Rows,
+    final_summaries,
+    format_final_table,
     mean_curve,
     plot_mean_curves,
     save_figure,
-    write_csv,
     write_metrics_and_summary,
 )
-from nearest_etf.experiments._common.runs import UserError, write_json
+from nearest_etf.experiments._common.runs import UserError
 from nearest_etf.experiments._common.training import (
-    EpochLoop,
     RunSeries,
-    eval_loaders,
-    evaluate,
-    load_training_data,
+    TrainingRun,
     run_training_command,
-    save_network,
-    step_bar,
     train_epoch,
-    training_loader,
 )
 from nearest_etf.experiments.data import DataSplits
 from nearest_etf.experiments.models import MLP
@@ -171,6 +162,10 @@ class AdaptiveETFConfig(TrainingOptions):
     probe_samples: int = 2000
     save_networks: bool = True
 
+    @property
+    def run_name(self) -> str:
+        return f"{super().run_name}-D{self.depth}-h{self.width}"
+
 
 def method_names(config: AdaptiveETFConfig) -> tuple[str, ...]:
     """The four compared methods."""
@@ -182,9 +177,9 @@ def method_names(config: AdaptiveETFConfig) -> tuple[str, ...]:
     )
 
 
-def _check_config(config: AdaptiveETFConfig, data: DataSplits) -> None:
+def _check_config(config: AdaptiveETFConfig, data: DataSplits) -> str | None:
     """Fail before any training (`UserError`): network shape, ETF widths, fixed-last k, the
-    freezing rule, a batch that fits the training set."""
+    freezing rule, a batch that fits the training set. The `short_run_warning`, if any."""
     try:
         build_mlp(math.prod(data.input_shape), config.depth, config.width, data.num_classes)
         AdaptiveETFRule(config.depth, config.threshold, config.patience)
@@ -202,6 +197,7 @@ def _check_config(config: AdaptiveETFConfig, data: DataSplits) -> None:
             f"--batch-size {config.batch_size} exceeds the {len(data.x_train)} training samples: "
             "with the incomplete last batch dropped there is no batch to train on"
         )
+    return short_run_warning(config)
 
 
 def short_run_warning(config: AdaptiveETFConfig) -> str | None:
@@ -216,21 +212,12 @@ def short_run_warning(config: AdaptiveETFConfig) -> str | None:
     )
 
 
-def _run(
-    data: DataSplits,
-    config: AdaptiveETFConfig,
-    method: str,
-    seed: int,
-    out_dir: Path | None,
-    loop: EpochLoop | None = None,
-) -> list[dict[str, object]]:
-    """Train one network; one row per epoch. `loop` (default: a fresh one) checkpoints,
-    resumes and stops a diverged run."""
-    loop = loop or EpochLoop()
-    device = distributed.local_device(config.device)
-    torch.manual_seed(seed)
+def _run(run: TrainingRun) -> list[dict[str, object]]:
+    """Train the network of one method and seed; one row per epoch. The run's loop
+    checkpoints, resumes and stops a diverged run."""
+    data, config, method, seed, loop = run.data, run.config, run.name, run.seed, run.loop
     model = build_mlp(math.prod(data.input_shape), config.depth, config.width, data.num_classes).to(
-        device
+        run.device
     )
     linears, probes = linear_layer_names(model), _relu_names(model)
     if method.startswith("fixed-last-"):
@@ -252,39 +239,32 @@ def _run(
         convert_to_etf(model, linears[state["frozen_from"] :], method.removeprefix("adaptive-"))
     if rule is not None and state["streaks"] is not None:
         rule.streaks, rule.frozen_from = list(state["streaks"]), state["frozen_from"]
-    loader = training_loader(data.x_train, data.y_train, config.batch_size, seed)
-    eval_train, eval_test = eval_loaders(data)
     x_probe, y_probe = data.x_train[: config.probe_samples], data.y_train[: config.probe_samples]
     loss_fn = nn.CrossEntropyLoss()
     trained = distributed.parallel_model(model)
-    done = loop.start(model, optimizer, loader)
+    epochs, bar = run.start(model, optimizer)
     rows = loop.rows
-    bar = step_bar(
-        config.epochs * len(loader),
-        f"{method} seed {seed}",
-        config.progress and distributed.is_main(),
-    )
-    bar.update(done * len(loader))
     frozen_from, frozen_epoch, pending = (
         state[k] for k in ("frozen_from", "frozen_epoch", "pending")
     )
-    for epoch in range(done + 1, config.epochs + 1):
+    for epoch in epochs:
         if pending is not None:  # decided after the previous epoch, applied before this one
             convert_to_etf(model, linears[pending:], method.removeprefix("adaptive-"))
             frozen_from, frozen_epoch, pending = pending, epoch - 1, None
             trained = distributed.parallel_model(model)  # DDP of the converted parameters
-        train_loss = train_epoch(trained, loader, optimizer, loss_fn, bar.update, epoch=epoch)
+        train_loss = train_epoch(trained, run.loader, optimizer, loss_fn, bar.update, epoch=epoch)
         if loop.diverged(epoch, train_loss):
             break
         layers = layer_collapse(model, probes, x_probe, y_probe, data.num_classes)
         ncc = [layers[name]["ncc_accuracy"] for name in probes]
+        train_accuracy, test_accuracy = run.accuracies(model)
         row: dict[str, object] = {
             "method": method,
             "seed": seed,
             "epoch": epoch,
             "train_loss": train_loss,
-            "train_accuracy": evaluate(model, eval_train)[1],
-            "test_accuracy": evaluate(model, eval_test)[1],
+            "train_accuracy": train_accuracy,
+            "test_accuracy": test_accuracy,
             "trainable_params": trainable_parameters(model),
             "frozen_from": -1 if frozen_from is None else frozen_from + 1,
             "frozen_epoch": -1 if frozen_epoch is None else frozen_epoch,
@@ -306,14 +286,7 @@ def _run(
             },
         )
     bar.close()
-    if (
-        loop.divergence is None
-        and out_dir is not None
-        and distributed.is_main()
-        and config.save_networks
-    ):
-        path = out_dir / f"network-{method}-seed{seed}.pt"
-        save_network(model, data, path, "adaptive-etf", config, rows[-1], "method")
+    run.save_network(model, "adaptive-etf", "method")
     return rows
 
 
@@ -322,30 +295,15 @@ def run_adaptive_etf(
 ) -> list[dict[str, object]]:
     """Every method with seeds 0..seeds-1; all rows. With `runs` in a run directory the runs
     are recorded there (keys <method>-seed<s>) and the networks written into it."""
-    data = data if data is not None else load_training_data(config)
-    _check_config(config, data)
     runs = runs or RunSeries()
-    out_dir = None if runs.directory is None else runs.directory.path
-    for seed in range(config.seeds):
-        for method in method_names(config):
-            runs.run(
-                f"{method}-seed{seed}",
-                lambda loop, m=method, s=seed: _run(data, config, m, s, out_dir, loop),
-            )
-    return runs.rows
+    return runs.run_all(config, data, method_names(config), _run, _check_config)
 
 
-def _summary_rows(
-    rows: Sequence[dict[str, object]], config: AdaptiveETFConfig
-) -> list[dict[str, object]]:
+def _summary_rows(rows: Rows, config: AdaptiveETFConfig) -> list[dict[str, object]]:
     """Per method, over seeds: final accuracies (mean, std), trainable parameters, effective
     depth and freeze epoch per seed, seconds per run."""
-    out = []
-    for method in method_names(config):
-        final = [r for r in rows if r["method"] == method and r["epoch"] == config.epochs]
-        if not final:  # every seed diverged
-            out.append({"method": method, "seeds": 0})
-            continue
+
+    def details(method: str, final: Rows) -> dict[str, object]:
         ncc_final = [[float(r[f"ncc_{i + 1}"]) for i in range(config.depth)] for r in final]
         if method.startswith("adaptive-"):
             depths = [int(r["frozen_from"]) for r in final]
@@ -355,16 +313,21 @@ def _summary_rows(
                 for n in ncc_final
             ]
         # -1: no layer reached the threshold (baseline) or none was frozen (adaptive)
-        summary: dict[str, object] = {"method": method, "seeds": len(final)}
-        summary |= final_accuracy_summary(final)
-        summary["trainable_params"] = float(np.mean([int(r["trainable_params"]) for r in final]))
-        summary["effective_depth"] = " ".join(map(str, depths))
-        summary["frozen_epoch"] = " ".join(str(r["frozen_epoch"]) for r in final)
-        out.append(summary)
-    return out
+        return {
+            "trainable_params": float(np.mean([int(r["trainable_params"]) for r in final])),
+            "effective_depth": " ".join(map(str, depths)),
+            "frozen_epoch": " ".join(str(r["frozen_epoch"]) for r in final),
+        }
+
+    return final_summaries(rows, "method", method_names(config), config.epochs, details)
 
 
-def _plot_ncc(rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, path: Path) -> None:
+def _summary(rows: Rows, config: AdaptiveETFConfig) -> str:
+    """The printed summary: `format_summary` of the rows' `summary.csv`."""
+    return format_summary(_summary_rows(rows, config))
+
+
+def _plot_ncc(rows: Rows, config: AdaptiveETFConfig, path: Path) -> None:
     """Per method: training NCC accuracy of every hidden layer vs epoch (mean over seeds)."""
     methods = method_names(config)
     fig = Figure(figsize=(4.5 * len(methods), 3.8), layout="constrained")
@@ -400,19 +363,8 @@ def _title(config: AdaptiveETFConfig, what: str) -> str:
     )
 
 
-def write_metrics(
-    rows: Sequence[dict[str, object]], config: AdaptiveETFConfig, out_dir: Path
-) -> None:
-    """metrics.csv / metrics.json of the rows so far (rewritten after every epoch)."""
-    write_csv(rows, out_dir / "metrics.csv")
-    write_json(out_dir / "metrics.json", {"config": asdict(config), "rows": list(rows)})
-
-
 def write_results(
-    rows: Sequence[dict[str, object]],
-    config: AdaptiveETFConfig,
-    out_dir: Path,
-    figure_format: str = "png",
+    rows: Rows, config: AdaptiveETFConfig, out_dir: Path, figure_format: str = "png"
 ) -> dict[str, Path]:
     """metrics.csv/json, summary.csv/json, ncc_curves and accuracy figures (in
     `figure_format`) into out_dir."""
@@ -431,78 +383,48 @@ def write_results(
     return paths
 
 
-def format_summary(summary: Sequence[dict[str, object]]) -> str:
+def _epochs_cell(key: str) -> Callable[[Mapping[str, object]], str]:
+    """The cell text of a summary's per-seed list `key` of 1-based layers or epochs ("-" for
+    -1: none)."""
+    return lambda s: " ".join("-" if v == "-1" else v for v in str(s[key]).split())
+
+
+def format_summary(summary: Rows) -> str:
     """A plain-text table of `summary.csv`."""
-    header = (
-        f"{'method':<20}{'test acc [%]':>16}{'train acc [%]':>16}{'trainable':>11}"
-        f"{'eff. depth':>12}{'frozen at':>12}{'s/run':>8}"
+    columns = (
+        ("trainable", 11, lambda s: f"{s['trainable_params']:.0f}"),
+        ("eff. depth", 12, _epochs_cell("effective_depth")),
+        ("frozen at", 12, _epochs_cell("frozen_epoch")),
     )
-    lines = [header]
-    for s in summary:
-        if not s["seeds"]:
-            lines.append(f"{s['method']:<20}  every run diverged")
-            continue
-        depth, frozen = (
-            " ".join("-" if v == "-1" else v for v in str(s[k]).split())
-            for k in ("effective_depth", "frozen_epoch")
-        )
-        lines.append(
-            f"{s['method']:<20}"
-            f"{PERCENT * s['test_accuracy_mean']:>9.2f} +- {PERCENT * s['test_accuracy_std']:<4.2f}"
-            f"{PERCENT * s['train_accuracy_mean']:>9.2f} +- "
-            f"{PERCENT * s['train_accuracy_std']:<4.2f}"
-            f"{s['trainable_params']:>11.0f}{depth:>12}{frozen:>12}"
-            f"{s['seconds_per_run']:>8.1f}"
-        )
-    return "\n".join(lines)
+    return format_final_table(summary, "method", 20, columns)
 
 
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     config = config_from_args(AdaptiveETFConfig, args)
-    data = load_training_data(config)
-    _check_config(config, data)
-    if (warning := short_run_warning(config)) is not None:
-        print(warning, file=sys.stderr)
-    default = default_out_dir(
-        "adaptive-etf", f"{Path(args.dataset).name}-D{args.depth}-h{args.width}"
-    )
-    run_training_command(
-        args,
-        "adaptive-etf",
-        config,
-        default,
-        lambda runs: run_adaptive_etf(config, data, runs),
-        lambda rows, path: write_metrics(rows, config, path),
-        lambda rows, path: write_results(rows, config, path, args.format),
-        lambda rows, path, paths: format_summary(_summary_rows(rows, config)),
-    )
+    run_training_command(args, config, run_adaptive_etf, write_results, _summary, _check_config)
+
+
+# AdaptiveETFConfig fields set by an option of the same name after the optimisation options
+_METHOD_OPTIONS = (
+    ("momentum", nonnegative_float, None),
+    ("fixed_last", int, "k of the fixed-last-k baseline (linear layers, classifier included)"),
+    ("threshold", float, "NCC accuracy"),
+    ("patience", positive_int, "epochs"),
+    (
+        "probe_samples",
+        positive_int,
+        "training samples on which the per-layer NCC accuracy and NC1 are measured",
+    ),
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d = AdaptiveETFConfig()
-    parser = subparsers.add_parser(
-        "adaptive-etf",
-        help="Adaptive-ETF MLPs vs baseline and fixed-last-k ETF layers; per-layer NCC curves",
-    )
-    add_data_arguments(parser, d)
+    about = "Adaptive-ETF MLPs vs baseline and fixed-last-k ETF layers; per-layer NCC curves"
+    parser = d.add_command(subparsers, "adaptive-etf", about, main)
     parser.add_argument("--depth", type=positive_int, default=d.depth, help="hidden layers D")
     parser.add_argument("--width", type=positive_int, default=d.width, help="hidden width h")
-    add_optimisation_arguments(parser, d)
-    parser.add_argument("--momentum", type=nonnegative_float, default=d.momentum)
-    parser.add_argument(
-        "--fixed-last",
-        type=int,
-        default=d.fixed_last,
-        help="k of the fixed-last-k baseline (linear layers, classifier included)",
-    )
-    parser.add_argument("--threshold", type=float, default=d.threshold, help="NCC accuracy")
-    parser.add_argument("--patience", type=positive_int, default=d.patience, help="epochs")
-    parser.add_argument(
-        "--probe-samples",
-        type=positive_int,
-        default=d.probe_samples,
-        help="training samples on which the per-layer NCC accuracy and NC1 are measured",
-    )
-    add_run_arguments(parser, d, networks=True)
-    parser.set_defaults(func=main)
+    d.add_optimisation_arguments(parser)
+    add_field_arguments(parser, d, _METHOD_OPTIONS)
+    d.add_run_arguments(parser, networks=True)

@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 BUILTIN_DATASETS = ("mnist1d", "digits", "gaussian")
+_TEST_FRACTION = 0.2  # the test share of the randomly split built-in data sets (digits, gaussian)
 _IDX_NAMES = {
     "x_train": "train-images-idx3-ubyte",
     "y_train": "train-labels-idx1-ubyte",
@@ -168,7 +169,7 @@ def _split(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float, seed: 
     return _standardised(name, x[train], y[train], x[test], y[test])
 
 
-def load_digits(test_fraction: float = 0.2, seed: int = 0) -> DataSplits:
+def load_digits(test_fraction: float = _TEST_FRACTION, seed: int = 0) -> DataSplits:
     """scikit-learn's bundled 8x8 digits (1797 x 64, 10 classes), a seeded random split."""
     from sklearn.datasets import load_digits as sklearn_digits
 
@@ -181,7 +182,7 @@ def gaussian_mixture(
     dim: int = 32,
     samples_per_class: int = 200,
     separation: float = 3.0,
-    test_fraction: float = 0.2,
+    test_fraction: float = _TEST_FRACTION,
     seed: int = 0,
 ) -> DataSplits:
     """x = separation * m_y + noise, m_k ~ N(0, I/dim) class centres, noise ~ N(0, I)."""

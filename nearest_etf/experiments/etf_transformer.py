@@ -21,42 +21,28 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from nearest_etf.experiments._common import distributed
-from nearest_etf.experiments._common.options import (
-    TrainingOptions,
-    add_data_arguments,
-    add_optimisation_arguments,
-    add_run_arguments,
-    config_from_args,
-    default_out_dir,
-    positive_int,
-)
-from nearest_etf.experiments._common.plotting import PERCENT
+from nearest_etf.experiments._common.options import TrainingOptions, config_from_args, positive_int
 from nearest_etf.experiments._common.results import (
     ACCURACY_PANELS,
-    final_accuracy_summary,
+    Rows,
+    final_summaries,
+    format_final_table,
     plot_mean_curves,
-    write_csv,
     write_metrics_and_summary,
 )
-from nearest_etf.experiments._common.runs import UserError, write_json
+from nearest_etf.experiments._common.runs import UserError
 from nearest_etf.experiments._common.training import (
-    EpochLoop,
     RunSeries,
-    eval_loaders,
-    evaluate,
-    load_training_data,
+    TrainingRun,
     run_training_command,
-    step_bar,
     train_epoch,
-    training_loader,
 )
 from nearest_etf.experiments.data import DataSplits
 from nearest_etf.nn.etf_layers import convert_to_etf, trainable_parameters
@@ -161,19 +147,11 @@ def check_config(config: ETFTransformerConfig, data: DataSplits) -> None:
         raise UserError(str(exc)) from exc
 
 
-def _run(
-    data: DataSplits,
-    config: ETFTransformerConfig,
-    variant: str,
-    seed: int,
-    loop: EpochLoop | None = None,
-) -> list[dict[str, object]]:
-    """Train one variant; one row per epoch. `loop` (default: a fresh one) checkpoints,
-    resumes and stops a diverged run."""
-    loop = loop or EpochLoop()
-    device = distributed.local_device(config.device)
-    torch.manual_seed(seed)
-    model = _model(config, data).to(device)
+def _run(run: TrainingRun) -> list[dict[str, object]]:
+    """Train one variant with one seed; one row per epoch. The run's loop checkpoints, resumes
+    and stops a diverged run."""
+    config, variant = run.config, run.name
+    model = _model(config, run.data).to(run.device)
     if variant != "baseline":
         convert_to_etf(model, feed_forward_names(model), variant.removeprefix("etf-"))
     optimizer = torch.optim.AdamW(
@@ -181,39 +159,30 @@ def _run(
         lr=config.lr,
         weight_decay=config.weight_decay,
     )
-    loader = training_loader(data.x_train, data.y_train, config.batch_size, seed)
-    eval_train, eval_test = eval_loaders(data)
     total_params = sum(p.numel() for p in model.parameters())
     loss_fn = nn.CrossEntropyLoss()
     trained = distributed.parallel_model(model)
-    done = loop.start(model, optimizer, loader)
-    rows = loop.rows
-    bar = step_bar(
-        config.epochs * len(loader),
-        f"{variant} seed {seed}",
-        config.progress and distributed.is_main(),
-    )
-    bar.update(done * len(loader))
-    for epoch in range(done + 1, config.epochs + 1):
-        train_loss = train_epoch(trained, loader, optimizer, loss_fn, bar.update, epoch=epoch)
-        if loop.diverged(epoch, train_loss):
+    epochs, bar = run.start(model, optimizer)
+    rows = run.loop.rows
+    for epoch in epochs:
+        train_loss = train_epoch(trained, run.loader, optimizer, loss_fn, bar.update, epoch=epoch)
+        if run.loop.diverged(epoch, train_loss):
             break
-        _, train_accuracy = evaluate(model, eval_train)
-        _, test_accuracy = evaluate(model, eval_test)
+        train_accuracy, test_accuracy = run.accuracies(model)
         row: dict[str, object] = {
             "variant": variant,
-            "seed": seed,
+            "seed": run.seed,
             "epoch": epoch,
             "train_loss": train_loss,
             "train_accuracy": train_accuracy,
             "test_accuracy": test_accuracy,
             "trainable_params": trainable_parameters(model),
             "total_params": total_params,
-            "seconds": loop.seconds(),
+            "seconds": run.loop.seconds(),
         }
         rows.append(row)
         bar.set_postfix(test_acc=f"{row['test_accuracy']:.3f}")
-        loop.end_epoch(epoch)
+        run.loop.end_epoch(epoch)
     bar.close()
     return rows
 
@@ -223,68 +192,39 @@ def run_etf_transformer(
 ) -> list[dict[str, object]]:
     """Every variant with seeds 0..seeds-1; all rows. With `runs` in a run directory the runs
     are recorded there (keys <variant>-seed<s>)."""
-    data = data if data is not None else load_training_data(config)
-    check_config(config, data)
     runs = runs or RunSeries()
-    for seed in range(config.seeds):
-        for variant in config.variants:
-            runs.run(
-                f"{variant}-seed{seed}",
-                lambda loop, v=variant, s=seed: _run(data, config, v, s, loop),
-            )
-    return runs.rows
+    return runs.run_all(config, data, config.variants, _run, check_config)
 
 
-def _summary_rows(
-    rows: Sequence[dict[str, object]], config: ETFTransformerConfig
-) -> list[dict[str, object]]:
-    out = []
-    for variant in config.variants:
-        final = [r for r in rows if r["variant"] == variant and r["epoch"] == config.epochs]
-        if not final:  # every seed diverged
-            out.append({"variant": variant, "seeds": 0})
-            continue
-        summary: dict[str, object] = {"variant": variant, "seeds": len(final)}
-        summary |= final_accuracy_summary(final)
-        summary["trainable_params"] = int(final[0]["trainable_params"])
-        summary["total_params"] = int(final[0]["total_params"])
-        out.append(summary)
-    return out
+def _summary_rows(rows: Rows, config: ETFTransformerConfig) -> list[dict[str, object]]:
+    return final_summaries(
+        rows,
+        "variant",
+        config.variants,
+        config.epochs,
+        lambda _, final: {
+            "trainable_params": int(final[0]["trainable_params"]),
+            "total_params": int(final[0]["total_params"]),
+        },
+    )
 
 
-def format_summary(summary: Sequence[dict[str, object]]) -> str:
+def _summary(rows: Rows, config: ETFTransformerConfig) -> str:
+    """The printed summary: `format_summary` of the rows' summary.csv."""
+    return format_summary(_summary_rows(rows, config))
+
+
+def format_summary(summary: Rows) -> str:
     """A plain-text table of summary.csv."""
-    lines = [
-        f"{'variant':<16}{'test acc [%]':>16}{'train acc [%]':>16}{'trainable':>11}"
-        f"{'total':>9}{'s/run':>8}"
-    ]
-    for s in summary:
-        if not s["seeds"]:
-            lines.append(f"{s['variant']:<16}  every run diverged")
-            continue
-        lines.append(
-            f"{s['variant']:<16}"
-            f"{PERCENT * s['test_accuracy_mean']:>9.2f} +- {PERCENT * s['test_accuracy_std']:<4.2f}"
-            f"{PERCENT * s['train_accuracy_mean']:>9.2f} +- "
-            f"{PERCENT * s['train_accuracy_std']:<4.2f}"
-            f"{s['trainable_params']:>11}{s['total_params']:>9}{s['seconds_per_run']:>8.1f}"
-        )
-    return "\n".join(lines)
-
-
-def write_metrics(
-    rows: Sequence[dict[str, object]], config: ETFTransformerConfig, out_dir: Path
-) -> None:
-    """metrics.csv / metrics.json of the rows so far (rewritten after every epoch)."""
-    write_csv(rows, out_dir / "metrics.csv")
-    write_json(out_dir / "metrics.json", {"config": asdict(config), "rows": list(rows)})
+    columns = (
+        ("trainable", 11, lambda s: str(s["trainable_params"])),
+        ("total", 9, lambda s: str(s["total_params"])),
+    )
+    return format_final_table(summary, "variant", 16, columns)
 
 
 def write_results(
-    rows: Sequence[dict[str, object]],
-    config: ETFTransformerConfig,
-    out_dir: Path,
-    figure_format: str = "png",
+    rows: Rows, config: ETFTransformerConfig, out_dir: Path, figure_format: str = "png"
 ) -> dict[str, Path]:
     """metrics.csv/json, summary.csv/json and the accuracy figure (in `figure_format`) into
     out_dir."""
@@ -306,28 +246,13 @@ def write_results(
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     config = config_from_args(ETFTransformerConfig, args, variants=tuple(args.variants))
-    data = load_training_data(config)
-    check_config(config, data)
-    default = default_out_dir("etf-transformer", Path(args.dataset).name)
-    run_training_command(
-        args,
-        "etf-transformer",
-        config,
-        default,
-        lambda runs: run_etf_transformer(config, data, runs),
-        lambda rows, path: write_metrics(rows, config, path),
-        lambda rows, path: write_results(rows, config, path, args.format),
-        lambda rows, path, paths: format_summary(_summary_rows(rows, config)),
-    )
+    run_training_command(args, config, run_etf_transformer, write_results, _summary, check_config)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d = ETFTransformerConfig()
-    parser = subparsers.add_parser(
-        "etf-transformer",
-        help="patch transformer classifier with and without simplex-ETF feed-forward layers",
-    )
-    add_data_arguments(parser, d)
+    about = "patch transformer classifier with and without simplex-ETF feed-forward layers"
+    parser = d.add_command(subparsers, "etf-transformer", about, main)
     parser.add_argument(
         "--patch-size", type=positive_int, default=d.patch_size, help="features per token"
     )
@@ -335,7 +260,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ffn-width", type=positive_int, default=d.ffn_width, help="FFN width")
     parser.add_argument("--depth", type=positive_int, default=d.depth, help="encoder blocks")
     parser.add_argument("--heads", type=positive_int, default=d.heads, help="attention heads")
-    add_optimisation_arguments(parser, d, lr_help="AdamW learning rate")
+    d.add_optimisation_arguments(parser, lr_help="AdamW learning rate")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(d.variants))
-    add_run_arguments(parser, d)
-    parser.set_defaults(func=main)
+    d.add_run_arguments(parser)

@@ -33,7 +33,7 @@ import argparse
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +46,7 @@ from nearest_etf.experiments._common import distributed
 from nearest_etf.experiments._common.options import (
     DATASET_HELP,
     TrainingOptions,
-    add_data_arguments,
-    add_optimisation_arguments,
-    add_run_arguments,
     config_from_args,
-    default_out_dir,
     nonnegative_float,
     positive_int,
 )
@@ -60,20 +56,16 @@ from nearest_etf.experiments._common.plotting import (
     style_axes,
     suptitle,
 )
-from nearest_etf.experiments._common.results import save_figure, write_csv
-from nearest_etf.experiments._common.runs import UserError, write_json, write_text
+from nearest_etf.experiments._common.results import Rows, save_figure, write_metrics
+from nearest_etf.experiments._common.runs import UserError, write_text
 from nearest_etf.experiments._common.training import (
     EpochLoop,
     RunSeries,
+    TrainingRun,
     crop_flip,
-    eval_loaders,
     evaluate,
-    load_training_data,
     run_training_command,
-    save_network,
-    step_bar,
     train_epoch,
-    training_loader,
 )
 from nearest_etf.experiments.data import DataSplits
 from nearest_etf.experiments.models import MODELS, Classifier, make_backbone
@@ -136,6 +128,10 @@ class TrainConfig(TrainingOptions):
     balanced_batches: bool = False
     save_networks: bool = True
     head_options: dict[str, dict[str, object]] = field(default_factory=dict)
+
+    @property
+    def run_name(self) -> str:
+        return f"{super().run_name}-{self.model}"
 
 
 def _optimizer(config: TrainConfig, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
@@ -216,36 +212,32 @@ def train_run(
     network_dir/network-<head>-seed<seed>.pt. `loop` (default: a fresh one) checkpoints and
     resumes the run and stops it when it diverges (no network file is written then)."""
     loop = loop or EpochLoop()
-    device = distributed.local_device(config.device)
-    torch.manual_seed(seed)
-    model = _model(config, data, head_name).to(device)
+    return _train(
+        TrainingRun(data, config, head_name, seed, loop, network_dir, config.balanced_batches)
+    )
+
+
+def _train(run: TrainingRun) -> list[dict[str, object]]:
+    """`train_run` of a `TrainingRun` (networks written into its out_dir)."""
+    data, config, head_name, seed, loop = run.data, run.config, run.name, run.seed, run.loop
+    model = _model(config, data, head_name).to(run.device)
     trained = distributed.parallel_model(model)
     head = model.head
     optimizer = _optimizer(config, model.parameters())
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     loss_fn = loss_function(config.loss, scale=head.temperature or 1.0)
-    train_loader = training_loader(
-        data.x_train, data.y_train, config.batch_size, seed, balanced=config.balanced_batches
-    )
     augment = _augmentation(config, data, seed)
-    eval_train, eval_test = eval_loaders(data)
-    done = loop.start(model, optimizer, train_loader, schedule)
+    epochs, bar = run.start(model, optimizer, schedule)
     rows = loop.rows
-    bar = step_bar(
-        config.epochs * len(train_loader),
-        f"{head_name} seed {seed}",
-        config.progress and distributed.is_main(),
-    )
     if augment is not None and "augment_generator" in loop.extra:
         augment.set_state(loop.extra["augment_generator"])
     transform = None if augment is None else (lambda x: crop_flip(x, augment))
-    bar.update(done * len(train_loader))
-    for epoch in range(done + 1, config.epochs + 1):
+    for epoch in epochs:
         row: dict[str, object] = {"head": head_name, "seed": seed, "epoch": epoch}
         try:
             step_loss = train_epoch(
                 trained,
-                train_loader,
+                run.loader,
                 optimizer,
                 loss_fn,
                 bar.update,
@@ -258,9 +250,9 @@ def train_run(
             schedule.step()
             model.eval()
             W, b = head.classifier()
-            outputs = _Outputs(model, eval_train, device)
+            outputs = _Outputs(model, run.eval_train, run.device)
             metrics = collapse_metrics(outputs, W, b, data.num_classes, loss_fn=loss_fn)
-            test_loss, test_accuracy = evaluate(model, eval_test, loss_fn)
+            test_loss, test_accuracy = evaluate(model, run.eval_test, loss_fn)
         except NonFiniteError as error:
             loop.record_divergence(epoch, str(error))
             break
@@ -287,17 +279,8 @@ def train_run(
             | {"error": f"epoch {epoch}: {reason}"}
         )
         bar.write(f"{head_name} seed {seed} diverged in epoch {epoch}: {reason}")
-    if (
-        loop.divergence is None
-        and network_dir is not None
-        and distributed.is_main()
-        and config.save_networks
-        and config.model == "mlp"
-        and head.temperature is None
-        and rows[-1]["status"] == "ok"
-    ):
-        path = network_dir / f"network-{head_name}-seed{seed}.pt"
-        save_network(model, data, path, "train", config, rows[-1], "head")
+    if config.model == "mlp" and head.temperature is None and rows[-1]["status"] == "ok":
+        run.save_network(model, "train", "head")
     return rows
 
 
@@ -307,19 +290,11 @@ def train_all(
     """train_run for every head and seed 0..seeds-1 on the configured data set; with `runs`
     in a run directory, the runs are recorded there (run keys <head>-seed<s>) and the networks
     written into it."""
-    data = data if data is not None else load_training_data(config)
     runs = runs or RunSeries()
-    network_dir = None if runs.directory is None else runs.directory.path
-    for seed in range(config.seeds):
-        for head in config.heads:
-            runs.run(
-                f"{head}-seed{seed}",
-                lambda loop, h=head, s=seed: train_run(data, config, h, s, network_dir, loop),
-            )
-    return runs.rows
+    return runs.run_all(config, data, config.heads, _train, balanced=config.balanced_batches)
 
 
-def _plot(rows: Sequence[dict[str, object]], config: TrainConfig, path: Path) -> None:
+def _plot(rows: Rows, config: TrainConfig, path: Path) -> None:
     """One panel per metric: mean over seeds vs epoch per head, min-max band (runs that
     did not diverge only)."""
     diverged = {(r["head"], r["seed"]) for r in rows if r["status"] != "ok"}
@@ -358,21 +333,8 @@ def _plot(rows: Sequence[dict[str, object]], config: TrainConfig, path: Path) ->
     save_figure(fig, path)
 
 
-def write_metrics(
-    rows: Sequence[dict[str, object]], config: TrainConfig, out_dir: Path
-) -> dict[str, Path]:
-    """Write metrics.csv and metrics.json (config + rows) into out_dir (atomically)."""
-    paths = {"csv": out_dir / "metrics.csv", "json": out_dir / "metrics.json"}
-    write_csv(rows, paths["csv"])
-    write_json(paths["json"], {"config": asdict(config), "rows": list(rows)})
-    return paths
-
-
 def write_results(
-    rows: Sequence[dict[str, object]],
-    config: TrainConfig,
-    out_dir: Path,
-    figure_format: str = "png",
+    rows: Rows, config: TrainConfig, out_dir: Path, figure_format: str = "png"
 ) -> dict[str, Path]:
     """Write metrics.csv, metrics.json (config + rows) and the figure comparison.<format>
     into out_dir."""
@@ -395,7 +357,7 @@ def _cell(values: Sequence[float]) -> str:
 
 
 def summarise(
-    rows: Sequence[dict[str, object]],
+    rows: Rows,
     heads: Sequence[str],
     thresholds: dict[str, float] | None = None,
 ) -> str:
@@ -487,24 +449,14 @@ def main(args: argparse.Namespace) -> None:
         print(text)
         return
     config = config_from_args(TrainConfig, args, heads=args.head, widths=tuple(args.widths))
-    data = load_training_data(config)
-    check_config(config, data)
-    default = default_out_dir("train", f"{Path(args.dataset).name}-{args.model}")
-
-    def summary(rows: list[dict[str, object]], path: Path, paths: dict[str, Path]) -> str:
-        text = summarise(rows, config.heads, args.thresholds)
-        paths["txt"] = write_text(path / "summary.txt", text + "\n")
-        return text
-
     run_training_command(
         args,
-        "train",
         config,
-        default,
-        lambda runs: train_all(config, data, runs),
-        lambda rows, path: write_metrics(rows, config, path),
-        lambda rows, path: write_results(rows, config, path, args.format),
-        summary,
+        train_all,
+        write_results,
+        lambda rows, config: summarise(rows, config.heads, args.thresholds),
+        check_config,
+        summary_file=True,
     )
 
 
@@ -542,10 +494,13 @@ def _temperature(text: str) -> float | str | None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d = TrainConfig()
-    parser = subparsers.add_parser(
-        "train", help="train a backbone with each classifier head; collapse metrics per epoch"
+    parser = d.add_command(
+        subparsers,
+        "train",
+        "train a backbone with each classifier head; collapse metrics per epoch",
+        main,
+        DATASET_HELP + " or CIFAR-10 python batches",
     )
-    add_data_arguments(parser, d, DATASET_HELP + " or CIFAR-10 python batches")
     parser.add_argument("--model", choices=MODELS, default=d.model)
     parser.add_argument(
         "--head",
@@ -553,7 +508,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=",".join(d.heads),
         help=f"comma-separated heads of {', '.join(HEADS)}, or 'all'",
     )
-    add_optimisation_arguments(parser, d)
+    d.add_optimisation_arguments(parser)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     parser.add_argument(
         "--momentum", type=nonnegative_float, default=d.momentum, help="SGD momentum"
@@ -599,7 +554,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="class-stratified training batches (about batch_size/K samples per class, as the "
         "paper's reference code) instead of uniformly shuffled ones",
     )
-    add_run_arguments(parser, d, device_help="cpu, cuda, cuda:1, ...", threads=False, networks=True)
+    d.add_run_arguments(parser, device_help="cpu, cuda, cuda:1, ...", threads=False, networks=True)
     parser.add_argument(
         "--thresholds",
         type=_thresholds,
@@ -618,4 +573,3 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="print (and write summary.txt next to it) the summary of a stored run's "
         "metrics.json instead of training",
     )
-    parser.set_defaults(func=main)

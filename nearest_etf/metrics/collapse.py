@@ -42,6 +42,7 @@ NC3 and the NCC accuracy and mismatch are undefined there.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import TypedDict, Unpack
 
 import torch
 from torch import Tensor
@@ -62,6 +63,7 @@ from nearest_etf.nn.class_means import check_labels, class_sums
 __all__ = [
     "RANK_RTOL",
     "CollapseStatistics",
+    "ScatterOptions",
     "bias_collapse",
     "class_means",
     "class_numerical_rank",
@@ -194,14 +196,29 @@ def _class_means_coincide(features: Tensor, labels: Tensor, num_classes: int) ->
     return bool(coincide(means - x.mean(dim=0), means, (0, 1), num_classes))
 
 
+class ScatterOptions(TypedDict, total=False):
+    """The keyword options of the scatter statistics `nc1` and `variability_collapse_index`:
+    ``rtol``, the pseudo-inverse cut-off relative to the largest eigenvalue (default None:
+    eps * d), and ``global_mean_of``, mu_G as in `class_means` (default "samples")."""
+
+    rtol: float | None
+    global_mean_of: str
+
+
 def _scaled_statistics(
-    features: Tensor, labels: Tensor, num_classes: int, global_mean_of: str, what: str
+    features: Tensor, labels: Tensor, num_classes: int, what: str, options: ScatterOptions
 ) -> tuple[Tensor, Tensor]:
-    """(c (x - M_y), c Mbar) for checked features: the within-class deviations [N, d] and the
-    centred means [K, d] (Mbar = means - mu_G, mu_G as `global_mean_of`) of the features x
-    shifted by their first row and rescaled by an exact power of two (`_shift_and_scale`), at the
-    common power-of-two scale c of `_centred_means`. ValueError if all class means coincide
-    (`what` is undefined)."""
+    """(c (x - M_y), c Mbar) of the checked features of a scatter statistic `what`: the
+    within-class deviations [N, d] and the centred means [K, d] (Mbar = means - mu_G, mu_G as
+    the options' global_mean_of) of the features x shifted by their first row and rescaled by an
+    exact power of two (`_shift_and_scale`), at the common power-of-two scale c of
+    `_centred_means`. TypeError for an option that `ScatterOptions` does not name; ValueError if
+    all class means coincide (`what` is undefined)."""
+    unknown = sorted(options.keys() - ScatterOptions.__optional_keys__)
+    if unknown:
+        raise TypeError(f"{what}: unexpected keyword arguments {unknown}")
+    features = _check_features(features, labels, num_classes)
+    global_mean_of = options.get("global_mean_of", "samples")
     check_choice("global_mean_of", global_mean_of, _GLOBAL_MEANS)
     x = _shift_and_scale(features)
     means = _class_mean_rows(x, labels, num_classes)
@@ -211,27 +228,23 @@ def _scaled_statistics(
 
 
 def nc1(
-    features: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    rtol: float | None = None,
-    global_mean_of: str = "samples",
+    features: Tensor, labels: Tensor, num_classes: int, **options: Unpack[ScatterOptions]
 ) -> Tensor:
     """NC1 = tr(Sigma_W Sigma_B^+) / K (scalar tensor; 0 for perfectly collapsed features).
 
     Papyan, Han & Donoho, PNAS 2020, Fig. 6 (docs/math.md §4). Sigma_W = (1/N) sum_i
     (h_i - mu_{y_i})(h_i - mu_{y_i})^T, Sigma_B = (1/K) sum_k (mu_k - mu_G)(mu_k - mu_G)^T with
     mu_G as ``global_mean_of`` (`class_means`). ``rtol`` is the pseudo-inverse cut-off relative to
-    the largest eigenvalue of Sigma_B (None: torch's default, eps * d). Computed in the span of
+    the largest eigenvalue of Sigma_B (None: torch's default, eps * d); both are keyword options
+    (`ScatterOptions`). Computed in the span of
     the class means, without d x d matrices (`_whitening`):
     tr(Sigma_W Sigma_B^+) / K = (1/N) ||(H - M_y) P||_F^2. NC1 is invariant to shifting and
     scaling the features, and is computed on features shifted by the first row and rescaled by
     an exact power of two (no overflow or underflow at any scale). ValueError if all class means
     coincide (Sigma_B = 0: NC1 undefined).
     """
-    features = _check_features(features, labels, num_classes)
-    within, centred = _scaled_statistics(features, labels, num_classes, global_mean_of, "NC1")
-    return (within @ _whitening(centred, rtol)).square().sum() / features.shape[0]
+    within, centred = _scaled_statistics(features, labels, num_classes, "NC1", options)
+    return (within @ _whitening(centred, options.get("rtol"))).square().sum() / within.shape[0]
 
 
 def _whitening(rows: Tensor, rtol: float | None) -> Tensor:
@@ -259,11 +272,7 @@ def _variability_collapse(within_root: Tensor, centred_means: Tensor, rtol: floa
 
 
 def variability_collapse_index(
-    features: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    rtol: float | None = None,
-    global_mean_of: str = "samples",
+    features: Tensor, labels: Tensor, num_classes: int, **options: Unpack[ScatterOptions]
 ) -> Tensor:
     """Variability collapse index VCI = 1 - tr(Sigma_T^+ Sigma_B) / rank(Sigma_B), in [0, 1]
     (scalar tensor; 0 for perfectly collapsed features).
@@ -274,7 +283,8 @@ def variability_collapse_index(
     the total covariance of the features when the classes are balanced. rank(Sigma_B) is the
     numerical rank at ``rtol``, min(d, K - 1) for centred means in general position (the
     reference code's denominator); ``rtol`` is also the pseudo-inverse cut-off of Sigma_T, both
-    relative to the largest eigenvalue (None: eps * d). For balanced classes
+    relative to the largest eigenvalue (None: eps * d); both are keyword options
+    (`ScatterOptions`). For balanced classes
     tr(Sigma_T^+ Sigma_B) is the sum of the squared canonical correlations between the features
     and the one-hot labels, so VCI is invariant to invertible linear maps of the features (NC1
     is not: within-class deviations linearly independent of the class-mean directions leave VCI
@@ -282,9 +292,8 @@ def variability_collapse_index(
     (`_variability_collapse`). ValueError if all class means coincide (Sigma_B = 0: VCI
     undefined).
     """
-    features = _check_features(features, labels, num_classes)
-    within, centred = _scaled_statistics(features, labels, num_classes, global_mean_of, "VCI")
-    return _variability_collapse(within / features.shape[0] ** 0.5, centred, rtol)
+    within, centred = _scaled_statistics(features, labels, num_classes, "VCI", options)
+    return _variability_collapse(within / within.shape[0] ** 0.5, centred, options.get("rtol"))
 
 
 def class_numerical_rank(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:

@@ -12,6 +12,7 @@ import torch
 from nearest_etf.experiments.bounds import cli as bounds_cli
 from nearest_etf.experiments.bounds.generalisation import (
     BOUND_NAMES,
+    BoundSettings,
     bartlett_bound,
     bias_free_weights,
     generalisation_gap_bound,
@@ -165,7 +166,7 @@ def test_biases_are_folded_by_input_augmentation() -> None:
     assert result.settings["biases"].startswith("augmented")
     assert result.data_norm == pytest.approx(float(torch.linalg.matrix_norm(data)))
     no_bias = LayerStack(_weights(), [None, None, None], X)
-    result = network_bounds(no_bias, delta=0.1)
+    result = network_bounds(no_bias, BoundSettings(delta=0.1))
     assert result.settings["biases"] == "none"
     assert result.rank_aware == pytest.approx(rank_aware_bound(_weights(), X)[0])
     assert result.gap == pytest.approx(generalisation_gap_bound(result.rank_aware, 4, 0.1))

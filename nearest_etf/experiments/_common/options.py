@@ -2,8 +2,9 @@
 `etf-transformer`) and the default run directories of every experiment command.
 
 Each command's frozen config dataclass extends `TrainingOptions` (redeclaring a field changes its
-default) and the option helpers take an instance of it as `defaults`; option names, help texts
-and types are the commands' historical ones (docs and scripts rely on them).
+default), and an instance of it adds its options, with its values as their defaults, to the
+command's parser (`add_command`, `add_optimisation_arguments`, `add_run_arguments`); option
+names, help texts and types are the commands' historical ones (docs and scripts rely on them).
 """
 
 from __future__ import annotations
@@ -12,21 +13,22 @@ import argparse
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from nearest_etf.experiments._common.parallel import EXECUTORS
 from nearest_etf.experiments._common.plotting import FORMATS
 
 __all__ = [
     "DATASET_HELP",
+    "FieldOption",
     "HelpFormatter",
     "TrainingOptions",
-    "add_data_arguments",
-    "add_optimisation_arguments",
+    "add_field_arguments",
     "add_output_arguments",
-    "add_run_arguments",
+    "add_threads_argument",
     "config_from_args",
     "default_out_dir",
     "nonnegative_float",
@@ -63,7 +65,9 @@ _NEGATED_FLAGS = {"progress": "no_progress", "save_networks": "no_networks"}  # 
 
 @dataclass(frozen=True)
 class TrainingOptions:
-    """Options every training command has: data, optimisation budget, device and progress."""
+    """Options every training command has: data, optimisation budget, device and progress.
+    An instance adds them to the command's parser with its values as their defaults; a
+    subclass may name its default run directory otherwise (`run_name`)."""
 
     dataset: str = "mnist1d"
     epochs: int = 20
@@ -75,6 +79,68 @@ class TrainingOptions:
     test_subset: int | None = None
     device: str = "cpu"
     progress: bool = True
+
+    @property
+    def run_name(self) -> str:
+        """The name of the command's default run directory (`default_out_dir`): the data
+        set's."""
+        return Path(self.dataset).name
+
+    def add_command(
+        self,
+        subparsers: argparse._SubParsersAction,
+        command: str,
+        help: str,
+        main: Callable[[argparse.Namespace], Any],
+        dataset_help: str = DATASET_HELP,
+    ) -> argparse.ArgumentParser:
+        """Register the training sub-command `command` (`help` in `nearest-etf --help`) that
+        runs `main`, with its data options --dataset, --train-subset and --test-subset (fields
+        dataset, train_subset, test_subset); the caller adds the others."""
+        parser = subparsers.add_parser(command, help=help)
+        parser.add_argument("--dataset", default=self.dataset, help=dataset_help)
+        parser.add_argument("--train-subset", type=positive_int, default=self.train_subset)
+        parser.add_argument("--test-subset", type=positive_int, default=self.test_subset)
+        parser.set_defaults(func=main)
+        return parser
+
+    def add_optimisation_arguments(
+        self, parser: argparse.ArgumentParser, lr_help: str | None = None
+    ) -> None:
+        """--epochs, --seeds, --batch-size, --lr, --weight-decay (fields of the same names)."""
+        parser.add_argument("--epochs", type=positive_int, default=self.epochs)
+        parser.add_argument(
+            "--seeds", type=positive_int, default=self.seeds, help="runs with seeds 0..S-1"
+        )
+        parser.add_argument("--batch-size", type=positive_int, default=self.batch_size)
+        parser.add_argument("--lr", type=positive_float, default=self.lr, help=lr_help)
+        parser.add_argument("--weight-decay", type=nonnegative_float, default=self.weight_decay)
+
+    def add_run_arguments(
+        self,
+        parser: argparse.ArgumentParser,
+        device_help: str = "cpu, cuda, ...",
+        threads: bool = True,
+        networks: bool = False,
+    ) -> None:
+        """--device, --threads (when `threads`; not a field), --out / --resume / --overwrite
+        (`add_output_arguments`), --no-progress and, when `networks`, --no-networks
+        (`config_from_args` sets the fields `progress` and `save_networks` to their
+        negations)."""
+        parser.add_argument("--device", default=self.device, help=device_help)
+        if threads:
+            add_threads_argument(
+                parser,
+                "torch CPU threads (these models are small: more threads mostly add contention)",
+            )
+        add_output_arguments(parser)
+        parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+        if networks:
+            parser.add_argument(
+                "--no-networks",
+                action="store_true",
+                help="do not save the trained networks (network-*.pt layer stacks, for `bounds`)",
+            )
 
 
 def positive_int(text: str) -> int:
@@ -153,56 +219,24 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_data_arguments(
-    parser: argparse.ArgumentParser, defaults: TrainingOptions, dataset_help: str = DATASET_HELP
+FieldOption = tuple[str, Callable[[str], Any], str | None]  # (field, argparse type, help)
+
+
+def add_field_arguments(
+    parser: argparse.ArgumentParser, defaults: object, options: Sequence[FieldOption]
 ) -> None:
-    """--dataset, --train-subset, --test-subset (config fields dataset, train_subset,
-    test_subset)."""
-    parser.add_argument("--dataset", default=defaults.dataset, help=dataset_help)
-    parser.add_argument("--train-subset", type=positive_int, default=defaults.train_subset)
-    parser.add_argument("--test-subset", type=positive_int, default=defaults.test_subset)
+    """One option per (field, argparse type, help or None) of `options`, in order: --<field>
+    (underscores as dashes) for the config field of that name, its default the field's value in
+    `defaults` (the config's defaults)."""
+    for name, kind, text in options:
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=kind, default=getattr(defaults, name), help=text)
 
 
-def add_optimisation_arguments(
-    parser: argparse.ArgumentParser, defaults: TrainingOptions, lr_help: str | None = None
-) -> None:
-    """--epochs, --seeds, --batch-size, --lr, --weight-decay (config fields of the same names)."""
-    parser.add_argument("--epochs", type=positive_int, default=defaults.epochs)
-    parser.add_argument(
-        "--seeds", type=positive_int, default=defaults.seeds, help="runs with seeds 0..S-1"
-    )
-    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=positive_float, default=defaults.lr, help=lr_help)
-    parser.add_argument("--weight-decay", type=nonnegative_float, default=defaults.weight_decay)
-
-
-def add_run_arguments(
-    parser: argparse.ArgumentParser,
-    defaults: TrainingOptions,
-    device_help: str = "cpu, cuda, ...",
-    threads: bool = True,
-    networks: bool = False,
-) -> None:
-    """--device, --threads (when `threads`; not a config field), --out / --resume / --overwrite
-    (`add_output_arguments`), --no-progress and, when
-    `networks`, --no-networks (`config_from_args` sets the config's `progress` and
-    `save_networks` to their negations)."""
-    parser.add_argument("--device", default=defaults.device, help=device_help)
-    if threads:
-        parser.add_argument(
-            "--threads",
-            type=positive_int,
-            default=1,
-            help="torch CPU threads (these models are small: more threads mostly add contention)",
-        )
-    add_output_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    if networks:
-        parser.add_argument(
-            "--no-networks",
-            action="store_true",
-            help="do not save the trained networks (network-*.pt layer stacks, for `bounds`)",
-        )
+def add_threads_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """--threads: the torch CPU threads of the command's process (`help`: what for), default 1
+    (not a config field)."""
+    parser.add_argument("--threads", type=positive_int, default=1, help=help)
 
 
 def config_from_args(

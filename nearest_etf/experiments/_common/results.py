@@ -5,7 +5,7 @@ commands. Rows are dicts, one per (method, seed, epoch). Every file is written a
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,19 @@ from nearest_etf.experiments._common.runs import atomic_path, write_json
 
 __all__ = [
     "ACCURACY_PANELS",
+    "Rows",
     "final_accuracy_summary",
+    "final_summaries",
+    "format_final_table",
     "mean_curve",
     "plot_mean_curves",
     "save_figure",
     "write_csv",
+    "write_metrics",
     "write_metrics_and_summary",
 ]
+
+Rows = Sequence[Mapping[str, object]]  # a command's per-epoch (or summary) rows, one dict each
 
 # (key, axis label, display factor): accuracies are stored as fractions, shown in percent
 ACCURACY_PANELS = (
@@ -39,7 +45,7 @@ ACCURACY_PANELS = (
 )
 
 
-def write_csv(rows: Sequence[Mapping[str, object]], path: Path) -> None:
+def write_csv(rows: Rows, path: Path) -> None:
     """Write `rows` (dicts) as a CSV with a header: the keys in order of first appearance, a
     row's missing keys (and None) as empty cells."""
     if not rows:
@@ -59,26 +65,31 @@ def save_figure(fig: Figure, path: Path, dpi: int = DPI) -> Path:
     return path
 
 
-def write_metrics_and_summary(
-    config: Any,
-    rows: Sequence[Mapping[str, object]],
-    summary: Sequence[Mapping[str, object]],
-    out_dir: Path,
-) -> dict[str, Path]:
-    """metrics.csv/json (per-epoch rows) and summary.csv/json (per method) into `out_dir`;
-    the JSON files also hold `asdict(config)`."""
-    paths = {
-        name: out_dir / name
-        for name in ("metrics.csv", "metrics.json", "summary.csv", "summary.json")
-    }
-    write_csv(rows, paths["metrics.csv"])
-    write_csv(summary, paths["summary.csv"])
-    write_json(paths["metrics.json"], {"config": asdict(config), "rows": list(rows)})
-    write_json(paths["summary.json"], {"config": asdict(config), "summary": list(summary)})
+def write_metrics(rows: Rows, config: Any, out_dir: Path) -> dict[str, Path]:
+    """metrics.csv and metrics.json (`asdict(config)` and the rows) of the per-epoch rows so far
+    into `out_dir` (rewritten after every epoch); their paths."""
+    paths = {"csv": out_dir / "metrics.csv", "json": out_dir / "metrics.json"}
+    write_csv(rows, paths["csv"])
+    write_json(paths["json"], {"config": asdict(config), "rows": list(rows)})
     return paths
 
 
-def final_accuracy_summary(final: Sequence[Mapping[str, object]]) -> dict[str, float]:
+def write_metrics_and_summary(
+    config: Any,
+    rows: Rows,
+    summary: Rows,
+    out_dir: Path,
+) -> dict[str, Path]:
+    """metrics.csv/json (per-epoch rows, `write_metrics`) and summary.csv/json (per method)
+    into `out_dir`; the JSON files also hold `asdict(config)`."""
+    paths = write_metrics(rows, config, out_dir)
+    paths |= {"summary_csv": out_dir / "summary.csv", "summary_json": out_dir / "summary.json"}
+    write_csv(summary, paths["summary_csv"])
+    write_json(paths["summary_json"], {"config": asdict(config), "summary": list(summary)})
+    return paths
+
+
+def final_accuracy_summary(final: Rows) -> dict[str, float]:
     """Over the final-epoch rows of one method (one per seed): mean and std of test_accuracy and
     train_accuracy (fractions, like the rows), and the mean of seconds (per run)."""
     summary = {}
@@ -90,7 +101,57 @@ def final_accuracy_summary(final: Sequence[Mapping[str, object]]) -> dict[str, f
     return summary
 
 
-def mean_curve(rows: Sequence[Mapping[str, object]], by: str, name: str, key: str) -> np.ndarray:
+def final_summaries(
+    rows: Rows,
+    by: str,
+    names: Sequence[str],
+    epochs: int,
+    details: Callable[[str, Rows], dict[str, object]],
+) -> list[dict[str, object]]:
+    """One summary row per name (of rows[by]) over its rows of the final epoch `epochs` (one per
+    seed that did not diverge): {by: name, "seeds": their number}, `final_accuracy_summary`
+    and `details(name, final rows)`; {by: name, "seeds": 0} where every seed diverged."""
+    out: list[dict[str, object]] = []
+    for name in names:
+        final = [r for r in rows if r[by] == name and r["epoch"] == epochs]
+        summary: dict[str, object] = {by: name, "seeds": len(final)}
+        if final:
+            summary |= final_accuracy_summary(final) | details(name, final)
+        out.append(summary)
+    return out
+
+
+def format_final_table(
+    summary: Rows,
+    by: str,
+    width: int,
+    columns: Sequence[tuple[str, int, Callable[[Mapping[str, object]], str]]],
+) -> str:
+    """A plain-text table of `final_summaries` rows: the name (rows[by], `width` characters),
+    the test and train accuracy (mean +- std over the seeds, in percent), one column per
+    (header, width, cell text of a row) in `columns`, and the seconds per run; "every run
+    diverged" for a name without final rows."""
+    lines = [
+        f"{by:<{width}}{'test acc [%]':>16}{'train acc [%]':>16}"
+        + "".join(f"{header:>{w}}" for header, w, _ in columns)
+        + f"{'s/run':>8}"
+    ]
+    for s in summary:
+        if not s["seeds"]:
+            lines.append(f"{s[by]:<{width}}  every run diverged")
+            continue
+        lines.append(
+            f"{s[by]:<{width}}"
+            f"{PERCENT * s['test_accuracy_mean']:>9.2f} +- {PERCENT * s['test_accuracy_std']:<4.2f}"
+            f"{PERCENT * s['train_accuracy_mean']:>9.2f} +- "
+            f"{PERCENT * s['train_accuracy_std']:<4.2f}"
+            + "".join(f"{cell(s):>{w}}" for _, w, cell in columns)
+            + f"{s['seconds_per_run']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def mean_curve(rows: Rows, by: str, name: str, key: str) -> np.ndarray:
     """Per epoch (ascending), the mean over the rows with rows[by] == name (the seeds) of key."""
     mine = [r for r in rows if r[by] == name]
     epochs = sorted({int(r["epoch"]) for r in mine})  # type: ignore[call-overload]
@@ -98,7 +159,7 @@ def mean_curve(rows: Sequence[Mapping[str, object]], by: str, name: str, key: st
 
 
 def plot_mean_curves(
-    rows: Sequence[Mapping[str, object]],
+    rows: Rows,
     by: str,
     labels: Mapping[str, str],
     panels: Sequence[tuple[str, str, float]],

@@ -3,7 +3,8 @@
 
 A command's runs (one per method/head/variant and seed) go through a `RunSeries`: a finished
 run is read back from the run directory instead of trained again, the run in progress gets an
-`EpochLoop`, and the command's metrics table is rewritten after every epoch. The `EpochLoop`
+`EpochLoop` (in a `TrainingRun`: the run's seed, device, loaders, step bar and network file),
+and the command's metrics table is rewritten after every epoch. The `EpochLoop`
 is the training loop's hooks: `start` (restore model, optimiser, schedule, loader generator and
 RNG from the run's checkpoint; returns the epochs already done), `diverged` (after each epoch's
 steps: a non-finite or exploding loss or parameter ends the run, its rows so far are kept) and
@@ -19,9 +20,10 @@ rank reads rank 0's checkpoint to resume, and every rank evaluates on the whole 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from nearest_etf.experiments._common import distributed
+from nearest_etf.experiments._common.options import default_out_dir
+from nearest_etf.experiments._common.results import write_metrics
 from nearest_etf.experiments._common.runs import (
     RunDirectory,
     UserError,
@@ -40,6 +44,7 @@ from nearest_etf.experiments._common.runs import (
     divergence,
     open_run,
     read_manifest,
+    write_text,
 )
 from nearest_etf.experiments.data import DataSplits, load_dataset, make_loader
 from nearest_etf.experiments.layer_stack import layer_stack_of, save_layer_stack
@@ -49,6 +54,7 @@ __all__ = [
     "EVAL_BATCH_SIZE",
     "EpochLoop",
     "RunSeries",
+    "TrainingRun",
     "check_device",
     "crop_flip",
     "eval_loaders",
@@ -62,7 +68,7 @@ __all__ = [
     "training_loader",
 ]
 
-Rows = list[dict[str, object]]
+RowList = list[dict[str, object]]
 
 EVAL_BATCH_SIZE = 1024
 
@@ -161,33 +167,41 @@ def open_training_run(
 
 def run_training_command(
     args: Any,
-    command: str,
     config: Any,
-    default: Path,
-    train: Callable[[RunSeries], Rows],
-    write_metrics: Callable[[Rows, Path], object],
-    write_results: Callable[[Rows, Path], dict[str, Path]],
-    summary: Callable[[Rows, Path, dict[str, Path]], str],
+    train: Callable[[Any, DataSplits, RunSeries], RowList],
+    write_results: Callable[[RowList, Any, Path, str], dict[str, Path]],
+    summary: Callable[[RowList, Any], str],
+    check: Callable[[Any, DataSplits], str | None],
+    summary_file: bool = False,
 ) -> None:
-    """The lifecycle of a training command (`train`, `adaptive-etf`, `etf-transformer`): its
-    run directory (`open_training_run`; under torchrun rank 0 writes, the others read),
-    `train(runs)` over a `RunSeries` that rewrites the metrics (`write_metrics(rows, dir)`)
-    after every epoch, then on rank 0 the results files (`write_results(rows, dir)`, the paths
-    written) and the summary text (`summary(rows, dir, paths)`, which may add files to
-    `paths`), printed with the report of the runs that diverged and the files written."""
+    """The lifecycle of a training command (`train`, `adaptive-etf`, `etf-transformer`:
+    args.command) with `config`: its data (`load_training_data`), checked before anything is
+    written (`check(config, data)`: `UserError`, or a warning to print, or None), its run
+    directory (`open_training_run`, by default runs/<command>/<config.run_name>-<time>; under
+    torchrun rank 0 writes, the others read), `train(config, data, runs)` over a `RunSeries` that
+    rewrites the metrics (`results.write_metrics`) after every epoch, then on rank 0 the results
+    files (`write_results(rows, config, dir, args.format)`, the paths written) and the summary
+    text (`summary(rows, config)`; with `summary_file` also written to summary.txt), printed with
+    the report of the runs that diverged and the files written."""
+    data = load_training_data(config)
+    if (warning := check(config, data)) is not None:
+        print(warning, file=sys.stderr)
     settings = {"config": asdict(config)}
+    default = default_out_dir(args.command, config.run_name)
     with (
         distributed.session(config.device),
-        open_training_run(args, command, settings, default) as run,
+        open_training_run(args, args.command, settings, default) as run,
     ):
         main_rank = distributed.is_main()
-        write = (lambda rows: write_metrics(rows, run.path)) if main_rank else None
+        write = (lambda rows: write_metrics(rows, config, run.path)) if main_rank else None
         runs = RunSeries(run, write)
-        rows = train(runs)
+        rows = train(config, data, runs)
         if not main_rank:
             return
-        paths = write_results(rows, run.path)
-        text = summary(rows, run.path, paths)
+        paths = write_results(rows, config, run.path, args.format)
+        text = summary(rows, config)
+        if summary_file:
+            paths["txt"] = write_text(run.path / "summary.txt", text + "\n")
     print(text)
     if runs.diverged:
         print(runs.report())
@@ -305,11 +319,11 @@ class EpochLoop:
     """
 
     def __init__(
-        self, checkpoint: Path | None = None, on_epoch: Callable[[Rows], None] | None = None
+        self, checkpoint: Path | None = None, on_epoch: Callable[[RowList], None] | None = None
     ) -> None:
         self.checkpoint = checkpoint
         self.on_epoch = on_epoch
-        self.rows: Rows = []
+        self.rows: RowList = []
         self.divergence: dict[str, object] | None = None
         self._state: dict[str, Any] | None = None
         if checkpoint is not None and checkpoint.is_file():
@@ -405,21 +419,26 @@ class RunSeries:
     def __init__(
         self,
         directory: RunDirectory | None = None,
-        write_rows: Callable[[Rows], None] | None = None,
+        write_rows: Callable[[RowList], None] | None = None,
     ) -> None:
         self.directory = directory
         self.write_rows = write_rows
-        self.rows: Rows = []
+        self.rows: RowList = []
         self.diverged: dict[str, dict[str, object]] = {}
+
+    @property
+    def path(self) -> Path | None:
+        """The run directory's path (None without one)."""
+        return None if self.directory is None else self.directory.path
 
     def _write(self, rows: Sequence[dict[str, object]]) -> None:
         if self.write_rows is not None and rows:
             self.write_rows(list(rows))
 
-    def run(self, key: str, train: Callable[[EpochLoop], Rows]) -> Rows:
+    def run(self, key: str, train: Callable[[EpochLoop], RowList]) -> RowList:
         record = self.directory.finished(key) if self.directory is not None else None
         if record is not None:
-            rows: Rows = record["rows"]
+            rows: RowList = record["rows"]
             if record.get("divergence"):
                 self.diverged[key] = record["divergence"]
         else:
@@ -436,9 +455,103 @@ class RunSeries:
         self._write(self.rows)
         return rows
 
+    def run_all(
+        self,
+        config: Any,
+        data: DataSplits | None,
+        names: Sequence[str],
+        train: Callable[[TrainingRun], RowList],
+        check: Callable[[Any, DataSplits], object] | None = None,
+        *,
+        balanced: bool = False,
+    ) -> RowList:
+        """Every run of a training command with `config`: each name with each seed
+        0..config.seeds-1 (seed by seed; run keys <name>-seed<s>), `train(run)` on a
+        `TrainingRun` (networks written into this series' directory; `balanced` batches) for
+        a run not finished before, on `data` (default: `load_training_data(config)`) after
+        `check(config, data)`; every row so far."""
+        data = data if data is not None else load_training_data(config)
+        if check is not None:
+            check(config, data)
+        for seed in range(config.seeds):
+            for name in names:
+                self.run(
+                    f"{name}-seed{seed}",
+                    lambda loop, n=name, s=seed: train(
+                        TrainingRun(data, config, n, s, loop, self.path, balanced)
+                    ),
+                )
+        return self.rows
+
     def report(self) -> str:
         """One line per diverged run ("" if none diverged)."""
         return "\n".join(
             f"run {key} diverged in epoch {d['diverged_epoch']}: {d['reason']}"
             for key, d in self.diverged.items()
         )
+
+
+@dataclass
+class TrainingRun:
+    """One run (`name`, `seed`) of a training command with `config` (a `TrainingOptions`) on
+    `data`, its hooks `loop` and the run directory `out_dir` its network is written into.
+
+    Creating it seeds torch's RNG with `seed` (the network built next is the run's
+    initialisation) and sets `device` (this rank's, `distributed.local_device`), `loader` (the
+    run's shuffled training loader, `training_loader`; class-stratified with `balanced`) and
+    `eval_train`, `eval_test` (`eval_loaders`). `start` begins the epoch loop, `accuracies`
+    evaluates the model and `save_network` writes it.
+    """
+
+    data: DataSplits
+    config: Any
+    name: str
+    seed: int
+    loop: EpochLoop = field(default_factory=EpochLoop)
+    out_dir: Path | None = None
+    balanced: bool = False
+    device: torch.device = field(init=False)
+    loader: DataLoader = field(init=False)
+    eval_train: DataLoader = field(init=False)
+    eval_test: DataLoader = field(init=False)
+
+    def __post_init__(self) -> None:
+        data, config = self.data, self.config
+        self.device = distributed.local_device(config.device)
+        torch.manual_seed(self.seed)
+        self.loader = training_loader(
+            data.x_train, data.y_train, config.batch_size, self.seed, balanced=self.balanced
+        )
+        self.eval_train, self.eval_test = eval_loaders(data)
+
+    def start(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None
+    ) -> tuple[range, tqdm]:
+        """`loop.start` (restoring the checkpoint if there is one) and the run's `step_bar`
+        over config.epochs epochs (shown with config.progress, on rank 0), advanced past the
+        epochs already done; (the epochs left to train, the bar)."""
+        done = self.loop.start(model, optimizer, self.loader, scheduler)
+        config = self.config
+        total = config.epochs * len(self.loader)
+        desc = f"{self.name} seed {self.seed}"
+        bar = step_bar(total, desc, config.progress and distributed.is_main())
+        bar.update(done * len(self.loader))
+        return range(done + 1, config.epochs + 1), bar
+
+    def accuracies(self, model: nn.Module) -> tuple[float, float]:
+        """(train, test) accuracy of `model` (fractions; `evaluate`)."""
+        return evaluate(model, self.eval_train)[1], evaluate(model, self.eval_test)[1]
+
+    def save_network(self, model: nn.Module, source: str, name_key: str) -> None:
+        """Unless the run diverged: with a run directory `out_dir` and config.save_networks, on
+        rank 0, write the trained `model` as out_dir/network-<name>-seed<seed>.pt
+        (`save_network`: `source`, the last row's accuracies and its `name_key`)."""
+        if (
+            self.loop.divergence is None
+            and self.out_dir is not None
+            and distributed.is_main()
+            and self.config.save_networks
+        ):
+            path = self.out_dir / f"network-{self.name}-seed{self.seed}.pt"
+            row = self.loop.rows[-1]
+            save_network(model, self.data, path, source, self.config, row, name_key)

@@ -19,16 +19,17 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from nearest_etf.experiments._common.options import add_field_arguments, config_from_args
 from nearest_etf.experiments._common.plotting import FORMATS, PERCENT, style_axes, suptitle
 from nearest_etf.experiments._common.results import save_figure, write_csv
 from nearest_etf.experiments._common.runs import UserError, write_json
 from nearest_etf.experiments.bounds.generalisation import (
     BOUND_NAMES,
+    BoundSettings,
     BoundsResult,
     network_bounds,
 )
 from nearest_etf.experiments.layer_stack import load_layer_stack
-from nearest_etf.metrics.collapse import RANK_RTOL
 
 __all__ = ["add_parser", "bounds_of_run", "format_table", "network_files"]
 
@@ -80,17 +81,13 @@ def _plot(rows: Sequence[dict[str, object]], path: Path, c1: float, c2: float) -
 
 
 def bounds_of_run(
-    path: Path,
-    rank_rtol: float = RANK_RTOL,
-    delta: float = 0.05,
-    loss_lipschitz: float = 1.0,
-    c1: float = 1.0,
-    c2: float = 1.0,
-    figure_format: str = "png",
+    path: Path, settings: BoundSettings | None = None, figure_format: str = "png"
 ) -> tuple[list[dict[str, object]], dict[str, Path]]:
-    """Bounds of every network under `path`; (summary rows, written file paths). The files are
-    bounds.* for a directory and bounds-<stem>.* for a single network file (module docstring),
-    the figure in `figure_format`."""
+    """Bounds (with the constants `settings`, default `BoundSettings()`) of every network under
+    `path`; (summary rows, written file paths). The files are bounds.* for a directory and
+    bounds-<stem>.* for a single network file (module docstring), the figure in
+    `figure_format`."""
+    settings = settings or BoundSettings()
     out_dir, files = network_files(path)
     rows: list[dict[str, object]] = []
     networks: list[dict] = []
@@ -100,7 +97,7 @@ def bounds_of_run(
             stack = load_layer_stack(file)
         except ValueError as exc:
             raise UserError(f"--run: {exc}") from exc
-        result = network_bounds(stack, rank_rtol, delta, loss_lipschitz, c1, c2)
+        result = network_bounds(stack, settings)
         name = str(file.relative_to(out_dir).with_suffix(""))
         rows.append(_summary_row(name, stack.meta, result))
         result_dict = result.to_dict()
@@ -116,11 +113,11 @@ def bounds_of_run(
         "layers_csv": out_dir / f"{stem}_layers.csv",
         "figure": out_dir / f"{stem}.{figure_format}",
     }
-    settings = networks[0]["settings"] | {"biases": "per network, see networks[].settings"}
-    write_json(paths["json"], {"settings": settings, "networks": networks})
+    shared = networks[0]["settings"] | {"biases": "per network, see networks[].settings"}
+    write_json(paths["json"], {"settings": shared, "networks": networks})
     write_csv(rows, paths["csv"])
     write_csv(layer_rows, paths["layers_csv"])
-    _plot(rows, paths["figure"], c1, c2)
+    _plot(rows, paths["figure"], settings.c1, settings.c2)
     return rows, paths
 
 
@@ -165,15 +162,24 @@ def _percent(value: object) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    rows, paths = bounds_of_run(
-        args.run, args.rank_rtol, args.delta, args.loss_lipschitz, args.c1, args.c2, args.format
-    )
+    s = config_from_args(BoundSettings, args)
+    rows, paths = bounds_of_run(args.run, s, args.format)
     print(
-        f"bounds with C1 = {args.c1:g}, C2 = {args.c2:g} (unspecified universal constants), "
-        f"rank rtol {args.rank_rtol:g}, delta {args.delta:g}, L_loss {args.loss_lipschitz:g}"
+        f"bounds with C1 = {s.c1:g}, C2 = {s.c2:g} (unspecified universal constants), "
+        f"rank rtol {s.rank_rtol:g}, delta {s.delta:g}, L_loss {s.loss_lipschitz:g}"
     )
     print(format_table(rows))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+# the help of the BoundSettings fields (floats), each set by an option of the same name
+_SETTING_HELP = {
+    "rank_rtol": "numerical rank counts singular values > rtol * s_max",
+    "delta": "confidence 1 - delta",
+    "loss_lipschitz": "Lipschitz constant of the loss",
+    "c1": "constant C1 of Theorem 7",
+    "c2": "constant C2 of Theorem 7",
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -183,18 +189,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--run", type=Path, required=True, help="a network*.pt file or a directory holding some"
     )
-    parser.add_argument(
-        "--rank-rtol",
-        type=float,
-        default=RANK_RTOL,
-        help="numerical rank counts singular values > rtol * s_max",
-    )
-    parser.add_argument("--delta", type=float, default=0.05, help="confidence 1 - delta")
-    parser.add_argument(
-        "--loss-lipschitz", type=float, default=1.0, help="Lipschitz constant of the loss"
-    )
-    parser.add_argument("--c1", type=float, default=1.0, help="constant C1 of Theorem 7")
-    parser.add_argument("--c2", type=float, default=1.0, help="constant C2 of Theorem 7")
+    options = [(name, float, text) for name, text in _SETTING_HELP.items()]
+    add_field_arguments(parser, BoundSettings(), options)
     parser.add_argument(
         "--format",
         choices=FORMATS,

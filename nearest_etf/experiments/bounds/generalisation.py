@@ -17,9 +17,9 @@ chain rule for Gaussian complexity) on the empirical Gaussian complexity of the 
     r_i = min_{j<i} rank W_j,  kappa_i = prod_{j != i} ||W_j||_2.
 
 C1, C2 are universal constants the paper leaves unspecified; every figure here uses the
-arguments `c1`, `c2` (default 1, i.e. reported with C1 = C2 = 1, which is NOT a proven value:
-the figures are the bound's shape, not a certified number). The per-layer `term` reported is
-(||X||_F / m) T_i, so the terms sum to G.
+arguments `c1`, `c2` (of `BoundSettings`; default 1, i.e. reported with C1 = C2 = 1, which is NOT
+a proven value: the figures are the bound's shape, not a certified number). The per-layer
+`term` reported is (||X||_F / m) T_i, so the terms sum to G.
 
 **Generalisation gap.** The reported `gap` is the form attributed to Pinto et al.'s rank-aware
 bound (its full text was not available here to check it). For a loss
@@ -77,6 +77,7 @@ from nearest_etf.metrics.collapse import RANK_RTOL, rank_of_singular_values, sin
 
 __all__ = [
     "BOUND_NAMES",
+    "BoundSettings",
     "BoundsResult",
     "LayerBound",
     "bartlett_bound",
@@ -91,6 +92,20 @@ __all__ = [
 
 BOUND_NAMES = ("rank_aware", "gap", "golowich", "neyshabur", "bartlett")
 """The bounds of a `BoundsResult`, by attribute name, in reporting order."""
+
+
+@dataclass(frozen=True)
+class BoundSettings:
+    """The constants of the bounds of a network (`network_bounds`): C1, C2 of the rank-aware
+    bound (Theorem 7; unspecified by the paper, 1 by default), the relative tolerance of the
+    numerical ranks, and the confidence 1 - delta and loss Lipschitz constant of the
+    generalisation gap."""
+
+    c1: float = 1.0
+    c2: float = 1.0
+    rank_rtol: float = RANK_RTOL
+    delta: float = 0.05
+    loss_lipschitz: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -125,8 +140,8 @@ class BoundsResult:
 
     m samples, data_norm = ||X||_F, max_input_norm = max_j ||x_j||; rank_aware = the Gaussian
     complexity bound G (Theorem 7), gap = its generalisation-gap bound; golowich, neyshabur,
-    bartlett the comparison bounds; settings holds c1, c2, rank_rtol, delta, loss_lipschitz
-    and how biases were handled."""
+    bartlett the comparison bounds; settings holds the `BoundSettings` (c1, c2, rank_rtol,
+    delta, loss_lipschitz) and how biases were handled."""
 
     layers: list[LayerBound]
     m: int
@@ -355,34 +370,22 @@ def bias_free_weights(stack: LayerStack) -> tuple[list[Tensor], Tensor]:
     return weights, torch.cat([stack.inputs, ones], dim=1)
 
 
-def network_bounds(
-    stack: LayerStack,
-    rank_rtol: float = RANK_RTOL,
-    delta: float = 0.05,
-    loss_lipschitz: float = 1.0,
-    c1: float = 1.0,
-    c2: float = 1.0,
-) -> BoundsResult:
+def network_bounds(stack: LayerStack, settings: BoundSettings = BoundSettings()) -> BoundsResult:
     """Every bound of the network in `stack` on its training inputs (biases folded in by input
-    augmentation, see `bias_free_weights`); one SVD per weight matrix."""
+    augmentation, see `bias_free_weights`) with the constants `settings`; one SVD per weight
+    matrix."""
     mats, data = _prepare(*bias_free_weights(stack))
-    G, rows = _rank_aware(mats, data, rank_rtol, c1, c2)
+    s = settings
+    G, rows = _rank_aware(mats, data, s.rank_rtol, s.c1, s.c2)
     return BoundsResult(
         layers=rows,
         m=data.m,
         data_norm=data.frobenius,
         max_input_norm=data.max_row_norm,
         rank_aware=G,
-        gap=generalisation_gap_bound(G, data.m, delta, loss_lipschitz),
+        gap=generalisation_gap_bound(G, data.m, s.delta, s.loss_lipschitz),
         golowich=_golowich(mats, data),
         neyshabur=_neyshabur(mats, data),
         bartlett=_bartlett(mats, data),
-        settings={
-            "c1": c1,
-            "c2": c2,
-            "rank_rtol": rank_rtol,
-            "delta": delta,
-            "loss_lipschitz": loss_lipschitz,
-            "biases": "augmented inputs (x, 1)" if stack.has_bias else "none",
-        },
+        settings=asdict(s) | {"biases": "augmented inputs (x, 1)" if stack.has_bias else "none"},
     )

@@ -21,17 +21,9 @@ from dataclasses import asdict, dataclass
 
 from torch import Tensor, finfo
 
+from nearest_etf import metrics
 from nearest_etf._validation import scale_safe_norm
 from nearest_etf.experiments.dufm.model import DUFMProblem
-from nearest_etf.metrics.collapse import (
-    class_means,
-    effective_rank,
-    etf_distance,
-    nc1,
-    numerical_rank,
-    orthogonal_frame_distance,
-    singular_values,
-)
 
 __all__ = ["DUFM_RANK_RTOL", "LayerStats", "analyse_layers", "hidden_ranks", "is_dnc"]
 
@@ -75,8 +67,8 @@ def analyse_layers(
         if not _resolvable(float(features.abs().max()), rtol, tiny):
             stats.append(_undefined(name, K))
             continue
-        means, _ = class_means(features, problem.labels, K)
-        s = singular_values(means)
+        means, _ = metrics.class_means(features, problem.labels, K)
+        s = metrics.singular_values(means)
         if not _resolvable(float(s[0]), rtol, tiny):
             stats.append(_undefined(name, K, [float(v) for v in s]))
             continue
@@ -87,14 +79,16 @@ def analyse_layers(
             LayerStats(
                 name=name,
                 singular_values=[float(v) for v in s],
-                rank=numerical_rank(means, rtol),
-                effective_rank=math.nan if zero else effective_rank(means),
+                rank=metrics.numerical_rank(means, rtol),
+                effective_rank=math.nan if zero else metrics.effective_rank(means),
                 nc1=(
-                    math.nan if collapsed else float(nc1(features, problem.labels, K, rtol=rtol**2))
+                    math.nan
+                    if collapsed
+                    else float(metrics.nc1(features, problem.labels, K, rtol=rtol**2))
                 ),
-                etf_distance=math.nan if collapsed else float(etf_distance(means)),
+                etf_distance=math.nan if collapsed else float(metrics.etf_distance(means)),
                 orthogonal_frame_distance=(
-                    math.nan if zero else float(orthogonal_frame_distance(means))
+                    math.nan if zero else float(metrics.orthogonal_frame_distance(means))
                 ),
             )
         )

@@ -7,8 +7,10 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from nearest_etf.experiments._common.plotting import line_styles, style_axes, suptitle
@@ -96,57 +98,63 @@ def _grouped_mean(rows: Sequence[dict], x: str, y: str, group: str) -> dict:
     }
 
 
-def plot_rank_vs_wd(rows: Sequence[dict], path: Path, title: str) -> Path:
-    """Average (over seeds) mean inner rank vs weight decay, log2 axis, one line per width."""
+@dataclass(frozen=True)
+class _Quantity:
+    """How a quantity of the sweep rows is drawn: its axis `label`, the `legend` text of a line
+    at one of its values (a format string), a log2 axis (`log2`), integer ticks (`integer`)."""
+
+    label: str
+    legend: str = "{}"
+    log2: bool = False
+    integer: bool = False
+
+
+_QUANTITIES = {
+    "wd": _Quantity("weight decay lambda (log2 scale)", "lambda {:g}", log2=True),
+    "width": _Quantity("width (log2 scale)", "width {}", log2=True),
+    "layers": _Quantity("layers L", "L = {}", integer=True),
+    "r": _Quantity("r  (K = r(r-1)/2 classes)", integer=True),
+    "inner_rank": _Quantity("average rank of H_1..H_{L-1}", integer=True),
+    "found_dnc": _Quantity("P(gradient descent finds DNC)"),
+    "srg_over_dnc": _Quantity("L_SRG / L_DNC"),
+}
+
+
+def _grouped_figure(rows: Sequence[dict], x: str, y: str, group: str) -> tuple[Figure, Axes, list]:
+    """A figure of one line per value of `group`: the mean of y over the seeds vs x
+    (`_grouped_mean`), each quantity drawn as `_QUANTITIES` says; (figure, axes, the x values
+    drawn)."""
     fig = Figure(figsize=(6, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    grouped = _grouped_mean(rows, "wd", "inner_rank", "width").items()
-    for (width, pts), style in zip(grouped, line_styles(), strict=False):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"width {width}", **style)
-    ax.set_xscale("log", base=2)
+    grouped = _grouped_mean(rows, x, y, group).items()
+    legend = _QUANTITIES[group].legend
+    for (value, pts), style in zip(grouped, line_styles(), strict=False):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=legend.format(value), **style)
+    h, v = _QUANTITIES[x], _QUANTITIES[y]  # the horizontal and the vertical axis
+    if h.log2:
+        ax.set_xscale("log", base=2)
     style_axes(
-        ax,
-        xlabel="weight decay lambda (log2 scale)",
-        ylabel="average rank of H_1..H_{L-1}",
-        integer_y=True,
-        legend=True,
+        ax, xlabel=h.label, ylabel=v.label, integer_x=h.integer, integer_y=v.integer, legend=True
     )
+    return fig, ax, sorted({p[0] for _, pts in grouped for p in pts})
+
+
+def plot_rank_vs_wd(rows: Sequence[dict], path: Path, title: str) -> Path:
+    """Average (over seeds) mean inner rank vs weight decay, log2 axis, one line per width."""
+    fig, _, _ = _grouped_figure(rows, "wd", "inner_rank", "width")
     return _save(fig, path, title)
 
 
 def plot_dnc_probability_vs_width(rows: Sequence[dict], path: Path, title: str) -> Path:
     """Fraction of seeds ending at a full-rank (DNC) solution vs width, one line per wd."""
-    fig = Figure(figsize=(6, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    grouped = _grouped_mean(rows, "width", "found_dnc", "wd").items()
-    for (wd, pts), style in zip(grouped, line_styles(), strict=False):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"lambda {wd:g}", **style)
-    ax.set_xscale("log", base=2)
+    fig, ax, widths = _grouped_figure(rows, "width", "found_dnc", "wd")
     ax.set_ylim(-0.05, 1.05)
-    style_axes(
-        ax,
-        xlabel="width (log2 scale)",
-        ylabel="P(gradient descent finds DNC)",
-        legend=True,
-    )
-    widths = sorted({p[0] for _, pts in grouped for p in pts})
     ax.set_xticks(widths, [str(w) for w in widths])  # the swept widths, not powers of 2
     return _save(fig, path, title)
 
 
 def plot_srg_ratio(rows: Sequence[dict], path: Path, title: str) -> Path:
     """L_SRG / L_DNC vs r (K = r(r-1)/2), one line per number of layers."""
-    fig = Figure(figsize=(6, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    grouped = _grouped_mean(rows, "r", "srg_over_dnc", "layers").items()
-    for (layers, pts), style in zip(grouped, line_styles(), strict=False):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"L = {layers}", **style)
+    fig, ax, _ = _grouped_figure(rows, "r", "srg_over_dnc", "layers")
     ax.axhline(1.0, color="k", ls="--", lw=0.8)
-    style_axes(
-        ax,
-        xlabel="r  (K = r(r-1)/2 classes)",
-        ylabel="L_SRG / L_DNC",
-        integer_x=True,
-        legend=True,
-    )
     return _save(fig, path, title)

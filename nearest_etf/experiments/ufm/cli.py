@@ -27,7 +27,9 @@ from matplotlib.figure import Figure
 
 from nearest_etf.experiments._common.options import (
     add_executor_arguments,
+    add_field_arguments,
     add_output_arguments,
+    add_threads_argument,
     config_from_args,
     default_out_dir,
     nonnegative_float,
@@ -76,6 +78,16 @@ _METHOD_HELP = {
     "curves close to implicit's)",
 }
 _COMPARISON_TITLES = {"shared-lr": "one shared lr", "best-lr": "best lr per method"}
+# UFMConfig fields set by an option of the same name after --optimizer
+_TRAINING_OPTIONS = (
+    ("momentum", nonnegative_float, "SGD momentum"),
+    ("feature_norm", float, "tau (<= 0: no normalisation)"),
+    ("feature_wd", nonnegative_float, "wd on H"),
+    ("head_wd", nonnegative_float, "wd on a learned W, b"),
+    ("init_scale", positive_float, "row norm of H_0"),
+    ("delta", nonnegative_float, "implicit heads' prox weight"),
+    ("records", int, "recorded steps (log-spaced; > T: all)"),
+)
 
 
 def _aligned(study: Study, comparison: str, method: str, metric: str) -> tuple[list, np.ndarray]:
@@ -404,27 +416,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--tune-seed", type=int, default=1000, help="seed the lr is tuned on")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    parser.add_argument(
-        "--momentum", type=nonnegative_float, default=d.momentum, help="SGD momentum"
-    )
-    parser.add_argument(
-        "--feature-norm", type=float, default=d.feature_norm, help="tau (<= 0: no normalisation)"
-    )
-    parser.add_argument(
-        "--feature-wd", type=nonnegative_float, default=d.feature_wd, help="wd on H"
-    )
-    parser.add_argument(
-        "--head-wd", type=nonnegative_float, default=d.head_wd, help="wd on a learned W, b"
-    )
-    parser.add_argument(
-        "--init-scale", type=positive_float, default=d.init_scale, help="row norm of H_0"
-    )
-    parser.add_argument(
-        "--delta", type=nonnegative_float, default=d.delta, help="implicit heads' prox weight"
-    )
-    parser.add_argument(
-        "--records", type=int, default=d.records, help="recorded steps (log-spaced; > T: all)"
-    )
+    add_field_arguments(parser, d, _TRAINING_OPTIONS)
     parser.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
     parser.add_argument(
         "--workers",
@@ -434,12 +426,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "process)",
     )
     add_executor_arguments(parser)
-    parser.add_argument(
-        "--threads",
-        type=positive_int,
-        default=1,
-        help="torch threads in this process (with --workers 1)",
-    )
+    add_threads_argument(parser, "torch threads in this process (with --workers 1)")
     add_output_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument(
