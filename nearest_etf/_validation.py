@@ -17,7 +17,8 @@ dtype, and scale-invariant quantities are computed on the rescaled input.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -29,6 +30,21 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 Dims = int | tuple[int, ...]
+T = TypeVar("T")
+
+
+def from_shorthand(
+    kind: str, value: object, made: Mapping[str, Callable[[], T]], objects: str
+) -> T:
+    """The object a string shorthand names (`made[value]()`); ValueError for an unknown name,
+    listing the shorthands and the `objects` that may be passed instead. For non-strings the
+    caller checks the type itself."""
+    if value not in made:
+        raise ValueError(
+            f"unknown {kind} {value!r}; choose one of {', '.join(map(repr, made))} or pass "
+            f"{objects}"
+        )
+    return made[value]()  # type: ignore[index]
 
 
 def check_choice(name: str, value: str, choices: Iterable[str]) -> None:

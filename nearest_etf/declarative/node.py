@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from nearest_etf._threads import is_small, single_threaded
-from nearest_etf._validation import check_int
+from nearest_etf._validation import check_int, from_shorthand
 from nearest_etf.declarative.geometry import ConstraintGeometry, geometry_of
 from nearest_etf.declarative.solvers import (
     Inputs,
@@ -300,17 +300,12 @@ def as_backward(backward: str | Backward) -> Backward:
     """The backward object for a shorthand of `BACKWARDS` ("analytic" -> `Analytic()`, "kkt" ->
     `DenseKKT()`, "cg" -> `ConjugateGradient()`), or the given object unchanged. Raises
     ValueError for an unknown name and TypeError for anything else."""
+    objects = "Analytic(), DenseKKT() or ConjugateGradient(...)"
     if isinstance(backward, str):
-        if backward not in _BACKWARD_CLASSES:
-            raise ValueError(
-                f"unknown backward {backward!r}; choose one of {', '.join(map(repr, BACKWARDS))} "
-                "or pass Analytic(), DenseKKT() or ConjugateGradient(...)"
-            )
-        return _BACKWARD_CLASSES[backward]()
+        return from_shorthand("backward", backward, _BACKWARD_CLASSES, objects)
     if not isinstance(backward, Analytic | DenseKKT | ConjugateGradient):
         raise TypeError(
-            f"backward must be one of {BACKWARDS} or Analytic(), DenseKKT(), "
-            f"ConjugateGradient(...); got {type(backward).__name__}"
+            f"backward must be one of {BACKWARDS} or {objects}; got {type(backward).__name__}"
         )
     return backward
 

@@ -34,7 +34,7 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 from nearest_etf._threads import is_small, single_threaded
-from nearest_etf._validation import check_int, check_nonnegative
+from nearest_etf._validation import check_int, check_nonnegative, from_shorthand
 from nearest_etf.declarative.geometry import geometry_of
 from nearest_etf.polar_decomposition import polar
 
@@ -351,12 +351,7 @@ def as_solver(solver: str | Solver) -> Solver:
     given solver object / callable unchanged. Raises ValueError for an unknown name and
     TypeError for anything else."""
     if isinstance(solver, str):
-        if solver not in _SOLVER_CLASSES:
-            raise ValueError(
-                f"unknown solver {solver!r}; choose one of {', '.join(map(repr, SOLVERS))} "
-                "or pass a solver object"
-            )
-        return _SOLVER_CLASSES[solver]()
+        return from_shorthand("solver", solver, _SOLVER_CLASSES, "a solver object")
     if not callable(solver):
         raise TypeError(
             f"solver must be one of {SOLVERS} or a solver object, got {type(solver).__name__}"

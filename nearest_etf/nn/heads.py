@@ -148,6 +148,7 @@ class _Head(nn.Module):
 
     weight: Tensor
     num_steps: Tensor
+    _state = "weight"  # the attribute whose dtype is the head's dtype
 
     def __init__(
         self, num_features: int, num_classes: int, temperature: Temperature, *, etf: bool
@@ -160,15 +161,22 @@ class _Head(nn.Module):
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self._settings().items())
+
+    def _settings(self) -> dict[str, object]:
+        """The head's settings shown by `extra_repr` (subclasses add theirs)."""
         temperature = None if self.temperature is None else round(self.temperature, 4)
-        return (
-            f"num_features={self.num_features}, num_classes={self.num_classes}, "
-            f"temperature={temperature}"
-        )
+        return {
+            "num_features": self.num_features,
+            "num_classes": self.num_classes,
+            "temperature": temperature,
+        }
 
     @property
     def _dtype(self) -> torch.dtype:
-        return self.weight.dtype
+        """The dtype of the head's state, held by the tensor attribute `_state` (features are
+        cast to it)."""
+        return getattr(self, self._state).dtype
 
     def _stepping(self) -> bool:
         """Whether this forward is a training step (training mode with gradients enabled)."""
@@ -380,8 +388,8 @@ class _ETFHead(_Head):
         self.momentum = _check_momentum(momentum)
         self.register_buffer("running_mean", torch.zeros(num_features))
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, momentum={self.momentum}"
+    def _settings(self) -> dict[str, object]:
+        return {**super()._settings(), "momentum": self.momentum}
 
     @property
     def bias(self) -> Tensor:
@@ -440,8 +448,8 @@ class FixedETFHead(_ETFHead):
         self.rotation = rotation
         self.register_buffer("weight", etf_classifier(R))
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rotation={self.rotation!r}"
+    def _settings(self) -> dict[str, object]:
+        return {**super()._settings(), "rotation": self.rotation}
 
     def _logits(self, features: Tensor, targets: Tensor | None) -> tuple[Tensor, Update | None]:
         if not self.training:
@@ -488,6 +496,7 @@ class ImplicitETFHead(_ETFHead):
     """
 
     frame: Tensor
+    _state = "frame"
 
     def __init__(
         self,
@@ -514,15 +523,15 @@ class ImplicitETFHead(_ETFHead):
         self.tracker = ClassMeanTracker(num_features, num_classes, average=average)
         self.register_buffer("frame", torch.eye(num_features, num_classes))
 
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, delta={self.delta}, average={self.tracker.average!r}, "
-            f"solver={self.solver!r}, backward={self.backward!r}, solve_every={self.solve_every}"
-        )
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        return self.frame.dtype
+    def _settings(self) -> dict[str, object]:
+        return {
+            **super()._settings(),
+            "delta": self.delta,
+            "average": self.tracker.average,
+            "solver": self.solver,
+            "backward": self.backward,
+            "solve_every": self.solve_every,
+        }
 
     @property
     def weight(self) -> Tensor:
