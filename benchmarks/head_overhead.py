@@ -143,7 +143,7 @@ def main() -> None:
     )
     print(
         f"{'d':>6}{'K':>6}"
-        + "".join(f"{n + ' [ms]':>16}" for n in VARIANTS)
+        + "".join(f"{n + ' [ms]':>19}" for n in VARIANTS)
         + f"{'impl/learned':>14}{'(min-based)':>13}{'k10/learned':>13}{'floor':>8}"
     )
     results = []
@@ -170,7 +170,7 @@ def main() -> None:
         )
         print(
             f"{d:>6}{K:>6}"
-            + "".join(f"{1e3 * t[n]:>16.2f}" for n in VARIANTS)
+            + "".join(f"{1e3 * t[n]:>19.2f}" for n in VARIANTS)
             + f"{ratio:>14.3f}{ratio_min:>13.3f}{ratios['implicit-k10']:>13.3f}{floor:>8.3f}"
         )
     print("targets")

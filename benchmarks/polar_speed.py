@@ -5,8 +5,8 @@ For each size (d, K) and dtype, A is the nearest-ETF Procrustes target of `noisy
 2048x1000, 30 at 512x100, 240 at 512x10) and G a Gaussian upstream gradient:
 
   svd             one torch.linalg.svd(A): the reference of every ratio
-  previous        the earlier forward and backward: polar_svd, then P^+ and six K^3
-                  products in the backward
+  svd+vjp6        polar_svd, then the term-by-term backward (P^+ formed in the backward, six
+                  K^3 products)
   svd+vjp         polar_svd with the current backward (P^+ saved, four K^3 products)
   gram32          A^T A and its eigh in float32 (float32 inputs; polished only where the guard
                   asks), + the current backward
@@ -49,8 +49,8 @@ MIN_SAMPLE_SECONDS = 0.05  # fast calls are looped so that one sample lasts at l
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def _previous_vjp(Q: Tensor, V: Tensor, s: Tensor, G: Tensor) -> Tensor:
-    """The earlier backward (docs/math.md §2b term by term): P^+ formed here, V^T Bk V and
+def _vjp6(Q: Tensor, V: Tensor, s: Tensor, G: Tensor) -> Tensor:
+    """The backward of docs/math.md §2b term by term: P^+ formed here, V^T Bk V and
     V ratio V^T, Q^T G P^+: six K^3 products besides the three d x K x K ones."""
     tol = _null_tolerance(s, Q.shape)
     QtG = Q.mT @ G
@@ -81,9 +81,9 @@ def _candidates(A: Tensor, G: Tensor) -> dict[str, tuple[Callable[[], object], .
     def svd() -> object:
         return torch.linalg.svd(A, full_matrices=False)
 
-    def previous() -> Tensor:
+    def svd_vjp6() -> Tensor:
         Q, V, s = polar_svd(A)
-        return _previous_vjp(Q, V, s, G)
+        return _vjp6(Q, V, s, G)
 
     def svd_vjp() -> Tensor:
         Q, V, s = polar_svd(A)
@@ -111,7 +111,7 @@ def _candidates(A: Tensor, G: Tensor) -> dict[str, tuple[Callable[[], object], .
 
     out: dict[str, tuple[Callable[[], object], ...]] = {
         "svd": (svd,),
-        "previous": (lambda: polar_svd(A), previous),
+        "svd+vjp6": (lambda: polar_svd(A), svd_vjp6),
         "svd+vjp": (lambda: polar_svd(A), svd_vjp),
     }
     gram_dtypes = [torch.float32, torch.float64] if A.dtype == torch.float32 else [torch.float64]

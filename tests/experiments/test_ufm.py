@@ -84,6 +84,9 @@ def test_heads_are_the_projects_heads_with_the_shared_normalisation() -> None:
     assert isinstance(implicit, ImplicitETFHead) and isinstance(none, ImplicitETFHead)
     assert implicit.tracker.average == "ema" and none.tracker.average == "none"
     assert implicit.delta == 0.01
+    every10 = ufm_head("implicit-k10", config, 0)
+    assert every10.solve_every == 10 and implicit.solve_every == 1
+    assert every10.tracker.average == "ema" and every10.delta == 0.01
     for head in (learned, fixed, implicit, none):
         assert head.temperature == 2.0
     for head in (fixed, implicit, none):  # full batch: the eval bias is the last step's

@@ -76,6 +76,7 @@ _METHOD_HELP = {
     "implicit-cma": "ImplicitETFHead with the cumulative average of the means",
     "implicit-none": "ImplicitETFHead with the exact means of the step (full batch: "
     "curves close to implicit's)",
+    "implicit-k10": "ImplicitETFHead (EMA) re-solving the frame every 10th step only",
 }
 _COMPARISON_TITLES = {"shared-lr": "one shared lr", "best-lr": "best lr per method"}
 # UFMConfig fields set by an option of the same name after --optimizer

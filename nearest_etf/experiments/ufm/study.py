@@ -11,7 +11,8 @@ Every method is trained the same way, full batch:
 Methods (all `nearest_etf.nn.heads` modules, each normalising H to F with the same tau):
 ``learned`` (`LearnedHead`, W and b trained), ``fixed`` (`FixedETFHead`, a Haar-random simplex
 ETF drawn from the seed), ``implicit`` (`ImplicitETFHead`, nearest ETF of the EMA class means),
-``implicit-cma`` (cumulative average) and ``implicit-none`` (the current, exact full-batch means).
+``implicit-cma`` (cumulative average), ``implicit-none`` (the current, exact full-batch means)
+and ``implicit-k10`` (EMA, the frame re-solved only every 10th step: `solve_every=10`).
 The same seed gives every method the same initial H.
 
 Recorded at ``records`` steps spaced geometrically in t + 1 (`record_steps`: every early step,
@@ -67,7 +68,14 @@ __all__ = [
     "ufm_head",
 ]
 
-METHODS = ("learned", "fixed", "implicit", "implicit-cma", "implicit-none")
+# the implicit methods: ImplicitETFHead options beyond the study's delta
+_IMPLICIT_OPTIONS: dict[str, dict[str, object]] = {
+    "implicit": {"average": "ema"},
+    "implicit-cma": {"average": "cma"},
+    "implicit-none": {"average": "none"},
+    "implicit-k10": {"average": "ema", "solve_every": 10},
+}
+METHODS = ("learned", "fixed", *_IMPLICIT_OPTIONS)
 OPTIMIZERS = ("sgd", "adam")
 METRICS = (
     "loss",
@@ -166,8 +174,8 @@ def ufm_head(method: str, config: UFMConfig, seed: int) -> nn.Module:
         options["momentum"] = 1.0
     if method == "fixed":
         options |= {"rotation": "random", "seed": seed}
-    elif method.startswith("implicit"):
-        options |= {"delta": config.delta, "average": method.partition("-")[2] or "ema"}
+    elif method in _IMPLICIT_OPTIONS:
+        options |= {"delta": config.delta, **_IMPLICIT_OPTIONS[method]}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the learned head's nn.Linear initialisation
         head = make_head(method.partition("-")[0], config.dim, config.classes, **options)
