@@ -177,8 +177,12 @@ def _model(config: TrainConfig, data: DataSplits, head_name: str) -> Classifier:
 
 
 def check_config(config: TrainConfig, data: DataSplits) -> None:
-    """Fail before any training (`UserError`): every head's network is built once on `data`
-    (widths vs K, image model on vectors, head options)."""
+    """Fail before any training (`UserError`): options the data or the launch cannot serve
+    (--augment on vectors, --balanced-batches under torchrun), and every head's network built
+    once on `data` (widths vs K, image model on vectors, head options)."""
+    _augmentation(config, data, seed=0)
+    if config.balanced_batches and distributed.launched():
+        raise UserError("--balanced-batches is not supported under torchrun")
     for head in config.heads:
         try:
             _model(config, data, head)

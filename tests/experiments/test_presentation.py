@@ -12,10 +12,11 @@ from matplotlib.ticker import MaxNLocator
 
 from nearest_etf.experiments._common.plotting import line_styles, style_axes, suptitle
 from nearest_etf.experiments._common.results import save_figure
+from nearest_etf.experiments._common.runs import UserError
 from nearest_etf.experiments.cli import build_parser
 from nearest_etf.experiments.cli import main as cli_main
 from nearest_etf.experiments.data import BalancedBatchSampler, load_dataset, make_loader
-from nearest_etf.experiments.train import TrainConfig, _model, train_run
+from nearest_etf.experiments.train import TrainConfig, _model, check_config, train_run
 from nearest_etf.nn.heads import LearnedHead
 
 COMMANDS = (
@@ -126,3 +127,16 @@ def test_balanced_batches_and_row_normalisation_in_train():
     rows = [train_run(data, config, "learned", seed=0) for _ in range(2)]
     assert json.dumps(rows[0]) == json.dumps(rows[1])  # NaN-aware: some metrics are NaN
     assert 0.0 <= rows[0][-1]["test_accuracy"] <= 1.0
+
+
+def test_options_the_launch_or_data_cannot_serve_fail_before_training(monkeypatch):
+    # checked by check_config, before the run directory or the first step
+    data = load_dataset("gaussian").subset(200, 50)
+    config = TrainConfig(epochs=1, seeds=1, widths=(16,), batch_size=40, progress=False)
+    check_config(replace(config, balanced_batches=True), data)  # one process: fine
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="--balanced-batches is not supported under torchrun"):
+        check_config(replace(config, balanced_batches=True), data)
+    with pytest.raises(UserError, match=r"--augment .* needs image data"):
+        check_config(replace(config, augment=True), data)

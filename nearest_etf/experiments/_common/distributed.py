@@ -35,6 +35,7 @@ __all__ = [
     "broadcast_object",
     "is_distributed",
     "is_main",
+    "launched",
     "local_device",
     "parallel_model",
     "rank",
@@ -42,6 +43,12 @@ __all__ = [
     "training_loader",
     "world_size",
 ]
+
+
+def launched() -> bool:
+    """True in a process that torchrun started (RANK and WORLD_SIZE set), before or after its
+    `session` begins."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def is_distributed() -> bool:
