@@ -448,6 +448,15 @@ def main(args: argparse.Namespace) -> None:
             raise UserError(
                 f"--summarise {args.summarise}: not a train metrics.json ({exc})"
             ) from exc
+        if any(
+            isinstance(r.get(key), int | float) and r[key] > 1
+            for r in rows
+            for key in ("test_accuracy", "train_accuracy")
+        ):
+            raise UserError(
+                f"--summarise {args.summarise}: accuracies above 1, i.e. stored in percent by an "
+                "earlier version of the package (rates are fractions now); rerun the training"
+            )
         text = summarise(rows, heads, args.thresholds)
         write_text(args.summarise.parent / "summary.txt", text + "\n")
         print(text)

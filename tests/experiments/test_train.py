@@ -88,6 +88,15 @@ def test_train_command_writes_csv_json_png(tmp_path, capsys):
     cli_main(["train", "--summarise", str(out / "metrics.json"), "--thresholds", "nc1=1e9"])
     printed = capsys.readouterr().out
     assert "nc1 <= 1e+09" in printed and "1 [1, 1] (2/2)" in printed
+    # a metrics.json with accuracies in percent (an earlier format) is refused, not misread
+    stored = json.loads((out / "metrics.json").read_text())
+    for row in stored["rows"]:
+        row["test_accuracy"] *= 100
+    percent = tmp_path / "percent.json"
+    percent.write_text(json.dumps(stored))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "--summarise", str(percent)])
+    assert exit_info.value.code == 2 and "stored in percent" in capsys.readouterr().err
 
 
 def test_summary_gives_final_values_and_threshold_epochs():
