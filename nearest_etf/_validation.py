@@ -22,7 +22,6 @@ from typing import TypeVar
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from nearest_etf._blas import gram
 
@@ -31,6 +30,14 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 Dims = int | tuple[int, ...]
 T = TypeVar("T")
+
+# Raised by a backward asked for a graph of itself (create_graph=True): the closed forms give
+# first derivatives only, and a silently partial second derivative would be wrong.
+SECOND_ORDER_ERROR = (
+    "second derivatives through the {what} are not implemented: its backward is a closed-form "
+    "first derivative. Differentiate it once (create_graph=False), or detach it from the "
+    "graph that needs higher derivatives"
+)
 
 
 def from_shorthand(
@@ -109,7 +116,7 @@ def max_abs(x: Tensor, dim: Dims, keepdim: bool = False) -> Tensor:
 def _pow2_scale_of_peak(peak: Tensor) -> Tensor:
     """`pow2_scale` from the maxima max |x| (any shape, non-negative)."""
     exponent = torch.frexp(peak).exponent
-    top = int(math.log2(torch.finfo(peak.dtype).max))  # 2^top: the largest finite power of two
+    top = math.frexp(torch.finfo(peak.dtype).max)[1] - 1  # 2^top: the largest finite power of 2
     return torch.ldexp(torch.ones_like(peak), (-exponent).clamp(max=top))
 
 
@@ -124,7 +131,8 @@ class _Normalise(torch.autograd.Function):
     """u = x / ||x|| with the closed-form vector-Jacobian product
     dL/dx = (g - u <u, g>) / ||x|| (g = dL/du, inner product over the normalised dims): four
     elementwise passes instead of autograd's chain through the rescaling, the norm and the
-    division. Once differentiable: a second derivative raises."""
+    division. Under create_graph (second derivatives) the same formula is evaluated with u and
+    ||x|| recomputed differentiably from x, so higher derivatives are exact too."""
 
     @staticmethod
     def forward(x: Tensor, dim: Dims) -> tuple[Tensor, Tensor]:  # type: ignore[override]
@@ -137,23 +145,34 @@ class _Normalise(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs: tuple[Tensor, Dims], output: tuple[Tensor, Tensor]) -> None:  # type: ignore[override]
         ctx.dim = inputs[1]
-        ctx.save_for_backward(*output)
+        ctx.save_for_backward(inputs[0], *output)
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g: Tensor, _: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
-        u, inverse_norm = ctx.saved_tensors
-        return torch.addcmul(g, u, (g * u).sum(dim=ctx.dim, keepdim=True), value=-1).mul_(
-            inverse_norm
-        ), None
+        x, u, inverse_norm = ctx.saved_tensors
+        dim = ctx.dim
+        if torch.is_grad_enabled():  # create_graph: a graph of the derivative in x
+            u, inverse_norm = _normalise_differentiably(x, dim)
+            return (g - u * (g * u).sum(dim=dim, keepdim=True)) * inverse_norm, None
+        dot = (g * u).sum(dim=dim, keepdim=True)
+        return torch.addcmul(g, u, dot, value=-1).mul_(inverse_norm), None
+
+
+def _normalise_differentiably(x: Tensor, dim: Dims) -> tuple[Tensor, Tensor]:
+    """(x / ||x||, 1 / ||x||) by differentiable torch operations (the scale-safe rescaling c is
+    a constant power of two); a zero slice gives (0, c)."""
+    c = pow2_scale(x, dim)
+    norm = torch.linalg.vector_norm(x * c, dim=dim, keepdim=True)
+    norm = norm.where(norm > 0, torch.ones_like(norm))
+    return (x * c) / norm, c / norm
 
 
 def normalise(x: Tensor, dim: Dims) -> Tensor:
     """x / ||x||_2 over `dim` (a tuple for the Frobenius norm), scale-safe (module docstring) and
-    differentiable once, by the closed-form derivative (I - u u^T) / ||x|| of u = x / ||x||. An
-    all-zero slice stays zero (its derivative there is taken as I / c, c the rescaling); callers
-    that need a unit norm reject it first."""
+    differentiable to any order, by the closed-form derivative (I - u u^T) / ||x|| of
+    u = x / ||x||. An all-zero slice stays zero (its derivative there is taken as I / c, c the
+    rescaling); callers that need a unit norm reject it first."""
     return _Normalise.apply(x, dim)[0]
 
 

@@ -148,7 +148,9 @@ def nearest_etf(
     Raises:
         TypeError for a non-float dtype; ValueError for NaN/inf entries, a bad shape, centred
         means H C that vanish (all class means coincide), a malformed prox or a negative delta;
-        ValueError / TypeError for an unknown solver or backward.
+        ValueError / TypeError for an unknown solver or backward. The backward is a first
+        derivative: asked for a graph of it (create_graph=True, e.g. a Hessian), it raises
+        RuntimeError rather than return a partial second derivative.
     """
     H = check_class_means(H)
     delta = check_nonnegative("delta", delta)

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from nearest_etf._blas import gram
 from nearest_etf._threads import is_small, single_threaded
-from nearest_etf._validation import check_float_tensor, pow2_scale
+from nearest_etf._validation import SECOND_ORDER_ERROR, check_float_tensor, pow2_scale
 
 __all__ = ["polar", "polar_vjp"]
 
@@ -232,6 +232,8 @@ class _Polar(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, G: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(SECOND_ORDER_ERROR.format(what="polar factor (nearest_etf, polar)"))
         Q, V, s, *P_pinv = ctx.saved_tensors  # P^+ is saved where the forward formed it
         with single_threaded(is_small(G)):
             return polar_vjp(Q, V, s, G, *P_pinv), None
@@ -252,7 +254,8 @@ def polar(A: Tensor, Q: Tensor | None = None) -> Tensor:
     polar(c A) = polar(A) for c > 0: each problem is first rescaled by an exact power of two to
     max |A_ij| in [1/2, 1), so no singular value overflows or underflows at any scale of the
     dtype. float16/bfloat16 A is computed in float32 (Q is float32); TypeError for other
-    non-float dtypes, ValueError for NaN/inf entries or a wrong shape."""
+    non-float dtypes, ValueError for NaN/inf entries or a wrong shape. First derivatives only:
+    a backward with create_graph=True raises RuntimeError."""
     A = check_float_tensor("A", A)
     if A.ndim < 2 or A.shape[-2] < A.shape[-1]:
         raise ValueError(f"polar(A) needs A[..., d, K] with d >= K, got {tuple(A.shape)}")

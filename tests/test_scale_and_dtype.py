@@ -24,7 +24,7 @@ from nearest_etf.metrics.collapse import collapse_metrics, nc1, ncc_accuracy, nu
 from nearest_etf.metrics.layer_probe import layer_collapse
 from nearest_etf.nearest import nearest_etf
 from nearest_etf.nn.class_means import ClassMeanTracker
-from nearest_etf.nn.heads import ImplicitETFHead
+from nearest_etf.nn.heads import FixedETFHead, ImplicitETFHead
 from nearest_etf.polar_decomposition import polar
 
 F32, F64 = torch.float32, torch.float64
@@ -446,13 +446,33 @@ def test_normalise_derivative_is_the_projection_over_the_norm(dim):
     u = x0 / norm
     expected = (up - u * (u * up).sum(dim=dim, keepdim=True)) / norm
     torch.testing.assert_close(grad, expected)
-    # a zero slice stays zero, with a finite derivative; a second derivative is refused
+    # second derivatives (create_graph) against finite differences of the gradient
+    torch.autograd.gradgradcheck(lambda t: normalise(t, dim), (x,))
+    # a zero slice stays zero, with a finite derivative
     z = torch.zeros(2, 3, dtype=F64, requires_grad=True)
     (gz,) = torch.autograd.grad(normalise(z, 1).sum(), z)
     assert bool(torch.isfinite(gz).all())
-    (first,) = torch.autograd.grad(normalise(x, dim).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="twice"):
-        first.sum().backward()
+
+
+def test_the_etf_heads_feature_map_has_exact_second_derivatives():
+    # z = W (tau h/||h||) + b: the Hessian of a loss through the normalisation (gradient
+    # penalties, meta-learning) against finite differences
+    head = FixedETFHead(6, 3).double().eval()
+    h = torch.randn(4, 6, dtype=F64, requires_grad=True)
+    torch.autograd.gradgradcheck(head, (h,))
+
+
+@pytest.mark.parametrize(("scale", "tol"), [(1e-310, 1e-10), (5e-318, 1e-4)])
+def test_float64_subnormal_inputs(scale: float, tol: float):
+    # max |x| subnormal: the power-of-two rescaling must stay finite (2^1023 at most); the
+    # tolerance is the precision left in subnormals (fewer mantissa bits at 5e-318)
+    g = torch.Generator().manual_seed(4)
+    H = torch.randn(6, 3, generator=g, dtype=F64)
+    prox, _ = torch.linalg.qr(torch.randn(6, 3, generator=g, dtype=F64))
+    close = {"rtol": 0, "atol": tol}
+    torch.testing.assert_close(nearest_etf(H * scale, prox), nearest_etf(H, prox), **close)
+    torch.testing.assert_close(polar(H * scale), polar(H), **close)
+    torch.testing.assert_close(normalise(H * scale, (0, 1)), normalise(H, (0, 1)), **close)
 
 
 @pytest.mark.parametrize("delta", [1e-3, 1.0, 1e6, 1e30])

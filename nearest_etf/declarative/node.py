@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from nearest_etf._threads import is_small, single_threaded
-from nearest_etf._validation import check_int, from_shorthand
+from nearest_etf._validation import SECOND_ORDER_ERROR, check_int, from_shorthand
 from nearest_etf.declarative.geometry import ConstraintGeometry, geometry_of
 from nearest_etf.declarative.solvers import (
     Inputs,
@@ -334,6 +334,8 @@ class _Argmin(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, v: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative was asked for
+            raise RuntimeError(SECOND_ORDER_ERROR.format(what="declarative node (implicit)"))
         node: DeclarativeNode = ctx.node
         y, *xs = ctx.saved_tensors
         needs = ctx.needs_input_grad[4:]

@@ -1,6 +1,7 @@
 import math
 import sys
 
+import geoopt
 import pytest
 import torch
 
@@ -267,3 +268,24 @@ def test_cuda_matches_cpu(kappa: float) -> None:
     (grad_cpu,) = torch.autograd.grad(Q_cpu, A_cpu, G)
     torch.testing.assert_close(Q.cpu(), Q_cpu, rtol=0, atol=1e-4)
     torch.testing.assert_close(grad.cpu(), grad_cpu, rtol=1e-3, atol=1e-3)
+
+
+def test_second_derivatives_are_refused_loudly() -> None:
+    # the closed-form backward is a first derivative: a graph of it (create_graph=True) would
+    # give silently partial second derivatives, so it raises instead
+    from nearest_etf import DeclarativeNode, nearest_etf
+
+    A = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="second derivatives through the polar factor"):
+        torch.autograd.grad(polar(A).sum(), A, create_graph=True)
+    prox, _ = torch.linalg.qr(torch.randn(6, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.functional.hessian(lambda H: nearest_etf(H, prox).square().sum(), A)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    node = DeclarativeNode(
+        lambda x, y: (y - x).square().sum(), geoopt.Euclidean(), lambda f, m, x, y0: x.detach()
+    )
+    with pytest.raises(RuntimeError, match="second derivatives through the declarative node"):
+        torch.autograd.grad(node(b).sum(), b, create_graph=True)
+    # first derivatives are unaffected
+    assert torch.autograd.grad(polar(A).sum(), A)[0].shape == A.shape
