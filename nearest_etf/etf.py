@@ -59,7 +59,9 @@ def centre_columns(X: Tensor) -> Tensor:
     """X C = X - (X 1/K) 1^T for X[..., n, K]: each row minus its mean, in O(nK) (no K x K
     product with the centring matrix C), differentiable to any order. The mean is
     sum_j (x_j / K), which cannot overflow where sum_j x_j would (entries near the dtype's
-    maximum)."""
+    maximum). TypeError for a non-float X."""
+    if not X.is_floating_point():
+        raise TypeError(f"centre_columns needs a floating-point tensor, got {X.dtype}")
     return _CentreColumns.apply(X)
 
 

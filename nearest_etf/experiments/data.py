@@ -324,7 +324,10 @@ def load_cifar10(directory: str | Path) -> DataSplits:
         directory = directory / "cifar-10-batches-py"
     train_files = sorted(directory.glob("data_batch_*"))
     if not train_files or not (directory / "test_batch").is_file():
-        raise FileNotFoundError(f"{directory} has no CIFAR-10 data_batch_* and test_batch files")
+        raise FileNotFoundError(
+            f"{directory} has neither MNIST/Fashion-MNIST IDX files (train-images-idx3-ubyte "
+            "...) nor CIFAR-10 python batches (data_batch_*, test_batch)"
+        )
     parts = [_cifar_batch(p) for p in train_files]
     x_test, y_test = _cifar_batch(directory / "test_batch")
     x_train = np.concatenate([x for x, _ in parts]).astype(np.float64) / 255

@@ -87,5 +87,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dim", type=positive_int, default=64, help="feature dimension d")
     parser.add_argument("--classes", type=positive_int, default=10, help="number of classes K")
     parser.add_argument("--seed", type=int, default=0)
-    add_output_arguments(parser)
+    add_output_arguments(parser, figures=False)  # a table, no figure
     parser.set_defaults(func=main)

@@ -123,6 +123,7 @@ class TrainConfig(TrainingOptions):
     temperature: float | str | None = HEAD_DEFAULT
     delta: float = 1e-3
     average: str = "ema"
+    solve_every: int = 1
     augment: bool = False
     normalize_rows: bool = False
     balanced_batches: bool = False
@@ -148,7 +149,11 @@ def _head_options(config: TrainConfig, name: str) -> dict[str, object]:
     if config.temperature != HEAD_DEFAULT:
         options["temperature"] = config.temperature
     if name == "implicit":
-        options |= {"delta": config.delta, "average": config.average}
+        options |= {
+            "delta": config.delta,
+            "average": config.average,
+            "solve_every": config.solve_every,
+        }
     if name == "learned" and config.normalize_rows:
         options["normalize_rows"] = True
     return options | config.head_options.get(name, {})
@@ -551,6 +556,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--delta", type=nonnegative_float, default=d.delta, help="implicit head prox weight"
     )
     parser.add_argument("--average", choices=("ema", "cma", "none"), default=d.average)
+    parser.add_argument(
+        "--solve-every",
+        type=positive_int,
+        default=d.solve_every,
+        help="implicit head: re-solve the frame every k-th step (docs/heads.md, 'Solving every "
+        "k steps')",
+    )
     parser.add_argument(
         "--augment",
         action="store_true",

@@ -117,23 +117,28 @@ def _resolve_temperature(temperature: Temperature, num_classes: int) -> float | 
         return None
     if temperature == "auto":
         return default_temperature(num_classes)
-    if isinstance(temperature, str):
-        raise ValueError(f"temperature must be a number, 'auto' or None, got {temperature!r}")
-    value = check_nonnegative("temperature", temperature)
-    if value == 0:
-        raise ValueError("temperature must be positive (or None for no feature normalisation)")
-    return value
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise (ValueError if isinstance(temperature, str) else TypeError)(
+            f"temperature must be a positive number, 'auto' or None, got {temperature!r}"
+        )
+    if not 0 < temperature < math.inf:
+        raise ValueError(
+            f"temperature must be a positive number, 'auto' or None (no feature "
+            f"normalisation), got {temperature!r}"
+        )
+    return float(temperature)
 
 
 def _check_momentum(momentum: float | None) -> float | None:
     if momentum is None:
         return None
-    value = check_nonnegative("momentum", momentum)
-    if not 0 < value <= 1:
+    if isinstance(momentum, bool) or not isinstance(momentum, int | float):
+        raise TypeError(f"momentum must be a number in (0, 1] or None, got {momentum!r}")
+    if not 0 < momentum <= 1:
         raise ValueError(
-            f"momentum must lie in (0, 1] (or None for a cumulative mean), got {value}"
+            f"momentum must lie in (0, 1] (or None for a cumulative mean), got {momentum!r}"
         )
-    return value
+    return float(momentum)
 
 
 def _is_finite(x: Tensor) -> bool:
@@ -223,6 +228,12 @@ class _Head(nn.Module):
 
     def _inputs(self, features: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor | None]:
         dtype = self._dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"{type(self).__name__} holds {dtype} state, but heads compute in float32 or "
+                "float64 (float16/bfloat16 features are cast up to the head's dtype): convert "
+                "the head with .float() or .double(), not .half()/.bfloat16()"
+            )
         if isinstance(features, Tensor) and features.dtype in _LOW_PRECISION:
             # e.g. a backbone under torch.autocast: the head computes in its own dtype (the
             # class means, the SVD) and the gradient flows back in the features' dtype
@@ -531,6 +542,7 @@ class ImplicitETFHead(_ETFHead):
             "solver": self.solver,
             "backward": self.backward,
             "solve_every": self.solve_every,
+            "detach_frame": self.detach_frame,
         }
 
     @property

@@ -325,15 +325,18 @@ def test_constructor_errors():
         ImplicitETFHead(6, 4, average="mean")
     with pytest.raises(ValueError, match="rotation"):
         FixedETFHead(6, 4, rotation="haar")
-    with pytest.raises(ValueError, match="temperature"):
-        LearnedHead(6, 4, temperature=0.0)
+    for temperature in (0.0, -1.0, float("inf"), float("nan")):  # one message for all
+        with pytest.raises(ValueError, match="temperature must be a positive number"):
+            LearnedHead(6, 4, temperature=temperature)
     with pytest.raises(ValueError, match="'auto' or None"):
         FixedETFHead(6, 4, temperature="hot")
-    for momentum in (0.0, 1.5, -0.1):
-        with pytest.raises(ValueError, match="momentum"):
+    for momentum in (0.0, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"momentum must lie in \(0, 1\]"):
             ImplicitETFHead(6, 4, momentum=momentum)
     with pytest.raises(TypeError, match="num_classes"):
         LearnedHead(6, 4.0)
+    with pytest.raises(TypeError, match=r"holds torch.float16 state.*\.float\(\)"):
+        FixedETFHead(6, 4).half()(torch.randn(2, 6, dtype=torch.float16))
     with pytest.raises(ValueError, match="head"):
         make_head("linear", 6, 4)
     assert isinstance(make_head("implicit", 6, 4, delta=0.1), ImplicitETFHead)

@@ -44,7 +44,16 @@ ConfigT = TypeVar("ConfigT")
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """The help formatter of every sub-command: each option's help shows its default
-    (`show_defaults`)."""
+    (`show_defaults`), a list default as the option takes it (a comma list, or space-separated
+    values for an option of several arguments)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if isinstance(action.default, list | tuple) and text is not None:
+            separator = " " if action.nargs in ("+", "*") else ","  # as the option is typed
+            listed = separator.join(str(v) for v in action.default)
+            text = text.replace("%(default)s", listed.replace("%", "%%"))
+        return text
 
 
 def show_defaults(parser: argparse.ArgumentParser) -> None:
@@ -174,18 +183,19 @@ def nonnegative_float(text: str) -> float:
 
 
 def add_output_arguments(
-    parser: argparse.ArgumentParser, out_help: str = "output directory"
+    parser: argparse.ArgumentParser, out_help: str = "output directory", *, figures: bool = True
 ) -> None:
-    """--out DIR, --format (of the figures), --resume DIR and --overwrite: the output-directory
-    policy of every command that writes a run directory (`runs.RunDirectory.open`,
-    docs/runs.md)."""
+    """--out DIR, --format (of the figures; only for a command that draws some), --resume DIR
+    and --overwrite: the output-directory policy of every command that writes a run directory
+    (`runs.RunDirectory.open`, docs/runs.md)."""
     parser.add_argument("--out", type=Path, default=None, help=out_help)
-    parser.add_argument(
-        "--format",
-        choices=FORMATS,
-        default="png",
-        help="file format of the figures (pdf and svg are vector graphics, for papers)",
-    )
+    if figures:
+        parser.add_argument(
+            "--format",
+            choices=FORMATS,
+            default="png",
+            help="file format of the figures (pdf and svg are vector graphics, for papers)",
+        )
     parser.add_argument(
         "--resume",
         type=Path,
