@@ -618,6 +618,11 @@ def nearest_etf_distance(means: Tensor, global_mean: Tensor | None = None) -> Te
         return nearest_etf_objective(Hn, U).clamp_min(0).sqrt()
 
 
+# Deviations below 2^-500 (3e-151) have squares below 2^-1000, within 2^22 of float64's smallest
+# normal number: the scatter would lose precision to subnormals and then to zero.
+_SCATTER_FLOOR = 2.0**-500
+
+
 class CollapseStatistics:
     """Streaming class statistics of a feature set, accumulated batch by batch in float64:
     counts n_k, sums sum_{y_i=k} h_i and the scatter sum_i (h_i - s)(h_i - s)^T about a shift s
@@ -640,7 +645,8 @@ class CollapseStatistics:
     def update(self, features: Tensor, labels: Tensor) -> None:
         """Add a batch features[N, d], labels[N] (checked: dtype policy, finite). ValueError,
         leaving the statistics unchanged, if the batch's float64 sums or scatter overflow
-        (entries beyond ~1e154)."""
+        (entries beyond ~1e154) or its deviations from the mean are so small (below ~1e-150, not
+        zero) that their squares underflow."""
         features = _check_features(features, labels, self.num_classes)
         if features.shape[1] != self.num_features:
             raise ValueError(f"features must have width {self.num_features}")
@@ -654,6 +660,13 @@ class CollapseStatistics:
         if not bool(torch.isfinite(scatter).all() & torch.isfinite(sums).all()):
             raise ValueError(
                 "the feature statistics overflow float64 (entries beyond ~1e154): rescale the "
+                "features"
+            )
+        spread = float(centred.abs().max()) if centred.numel() else 0.0
+        if 0 < spread < _SCATTER_FLOOR:
+            raise ValueError(
+                f"the feature statistics underflow float64 (deviations from the mean up to "
+                f"{spread:.3g}, below ~1e-150, whose squares lose precision): rescale the "
                 "features"
             )
         self.shift, self.sums, self.scatter = shift, sums, scatter

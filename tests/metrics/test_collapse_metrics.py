@@ -219,3 +219,13 @@ def test_bad_inputs_are_named():
     stats.update(torch.randn(2, 4), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"classes \[2\] have no samples"):
         stats.means()
+
+
+def test_streaming_statistics_refuse_underflowing_features():
+    # squares of deviations below ~1e-150 lose precision in float64: refused, not misreported
+    stats = CollapseStatistics(4, 3)
+    labels = torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match="underflow float64"):
+        stats.update(torch.randn(4, 4, dtype=F64) * 1e-160, labels)
+    assert stats.shift is None and float(stats.counts.sum()) == 0  # unchanged
+    stats.update(torch.randn(4, 4, dtype=F64) * 1e-140, labels)  # still exact enough: accepted
