@@ -2,7 +2,8 @@
 
 A diverged run (`train.TrainResult.diverged`) is a result: its summary row has the step and the
 reason, its loss curve up to that step is written, and everything computed from its final point
-(the layer analysis, ranks, loss over L_DNC, found_dnc, the network file) is skipped (None).
+(the layer analysis, ranks, loss over L_DNC, the network file) is skipped (None; found_dnc is
+False).
 """
 
 from __future__ import annotations
