@@ -179,7 +179,8 @@ def method_names(config: AdaptiveETFConfig) -> tuple[str, ...]:
 
 def _check_config(config: AdaptiveETFConfig, data: DataSplits) -> str | None:
     """Fail before any training (`UserError`): network shape, ETF widths, fixed-last k, the
-    freezing rule, a batch that fits the training set. The `short_run_warning`, if any."""
+    freezing rule, a batch that fits the training set, a probe set holding every class. The
+    `short_run_warning`, if any."""
     try:
         build_mlp(math.prod(data.input_shape), config.depth, config.width, data.num_classes)
         AdaptiveETFRule(config.depth, config.threshold, config.patience)
@@ -196,6 +197,14 @@ def _check_config(config: AdaptiveETFConfig, data: DataSplits) -> str | None:
         raise UserError(
             f"--batch-size {config.batch_size} exceeds the {len(data.x_train)} training samples: "
             "with the incomplete last batch dropped there is no batch to train on"
+        )
+    probed = set(data.y_train[: config.probe_samples].tolist())
+    if len(probed) < data.num_classes:
+        missing = sorted(set(range(data.num_classes)) - probed)
+        raise UserError(
+            f"--probe-samples {config.probe_samples}: the first {config.probe_samples} training "
+            f"samples, the NCC probe set, have no samples of classes {missing[:10]}; the probe "
+            "needs every class (raise --probe-samples)"
         )
     return short_run_warning(config)
 

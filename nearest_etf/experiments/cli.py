@@ -14,6 +14,7 @@ anywhere on the command line shows the traceback of a user error instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -76,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if debug:
             raise
         sys.exit(INTERRUPTED)
+    except BrokenPipeError:
+        # the reader of stdout went away (`... | head`): stop quietly, as the Python docs advise,
+        # pointing stdout at devnull so that the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,14 @@ def _check_means(means: object, global_mean: object = None) -> tuple[Tensor, Ten
     return means.to(dtype), global_mean.to(dtype)
 
 
+def _common_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in their widest dtype (the module's rule for mixed float32/float64 inputs)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def _check_counts(counts: Tensor) -> None:
     """ValueError naming the classes without samples (counts[K] == 0)."""
     if bool((counts == 0).any()):
@@ -492,7 +500,8 @@ def bias_collapse(weight: Tensor, bias: Tensor | None, global_mean: Tensor) -> T
     """|| W mu_G + b ||_2 (0 when the bias cancels the global mean), W[K, d], b[K], mu_G[d]."""
     global_mean = check_float_tensor("global_mean", global_mean)
     weight = _check_classifier(weight, global_mean.shape[-1])
-    value = weight @ global_mean
+    dtype = torch.promote_types(weight.dtype, global_mean.dtype)  # mixed dtypes: the wider
+    value = weight.to(dtype) @ global_mean.to(dtype)
     if bias is not None:
         bias = check_float_tensor("bias", bias)
         if bias.shape != weight.shape[:1]:
@@ -530,14 +539,15 @@ def _ncc_predictions(features: Tensor, means: Tensor) -> Tensor:
 
 
 def _check_ncc_means(means: object, num_classes: int, features: Tensor, what: str) -> Tensor:
-    """Checked means[K, d] for features[N, d] (same dtype) that do not all coincide."""
+    """Checked means[K, d] for features[N, d] (at least one sample) that do not all coincide,
+    in the features' dtype."""
     means = check_float_tensor("means", means)
     if means.shape != (num_classes, features.shape[1]):
         raise ValueError(
             f"means must have shape ({num_classes}, {features.shape[1]}), got {tuple(means.shape)}"
         )
-    if means.dtype != features.dtype:
-        raise TypeError(f"means has dtype {means.dtype} but features have {features.dtype}")
+    if not len(features):
+        raise ValueError(f"{what} needs at least one sample; features have none")
     _centred_means(means, None, what)
     return means
 
@@ -551,6 +561,7 @@ def ncc_mismatch(features: Tensor, predictions: Tensor, means: Tensor) -> float:
     means = _check_matrix("means", means)
     means = _check_ncc_means(means, means.shape[0], features, "the NCC mismatch")
     check_labels(predictions, features.shape[0], means.shape[0], name="predictions")
+    features, means = _common_dtype(features, means)
     return float((_ncc_predictions(features, means) != predictions).double().mean())
 
 
@@ -565,6 +576,7 @@ def ncc_accuracy(
     if means is None:
         means, _ = class_means(features, labels, num_classes)
     means = _check_ncc_means(means, num_classes, features, "the NCC accuracy")
+    features, means = _common_dtype(features, means)
     return float((_ncc_predictions(features, means) == labels).double().mean())
 
 
@@ -596,12 +608,15 @@ def cosine_margin(
     features = _check_matrix("features", features)
     weight = _check_classifier(weight, features.shape[1])
     features = _check_features(features, labels, weight.shape[0])
+    if not len(features):
+        raise ValueError("the cosine margin needs at least one sample; features have none")
     if global_mean is not None:
         global_mean = check_float_tensor("global_mean", global_mean)
         if global_mean.shape != features.shape[1:]:
             raise ValueError(
                 f"global_mean must have shape [{features.shape[1]}], got {tuple(global_mean.shape)}"
             )
+    features, weight = _common_dtype(features, weight)
     return _cosine_margins(features, labels, weight, global_mean).mean()
 
 
@@ -770,6 +785,8 @@ def collapse_metrics(
                 f"pass 2 got features {tuple(features.shape)} and logits {tuple(logits.shape)}; "
                 f"expected [N, {d}] and [N, {num_classes}]"
             )
+        if not len(features):  # an empty batch adds nothing (as in the first pass)
+            continue
         if loss_fn is not None:
             loss += float(loss_fn(logits, labels.to(logits.device))) * len(labels)
         x = features.detach().to(device="cpu", dtype=torch.float64)

@@ -514,3 +514,32 @@ def test_adaptive_etf_resumes_after_a_freeze(tmp_path: Path, capsys, monkeypatch
         "1",
         "1",
     ]
+
+
+def test_more_options_checked_before_anything_is_written(tmp_path, capsys):
+    # each a one-line user error with no output directory created
+    out = tmp_path / "never"
+    assert_user_error(
+        f"dufm sweep --steps 20 --classes 6 --width 8 --seeds 1 --no-srg --ray-address auto "
+        f"--out {out}",
+        capsys,
+        "--ray-address needs --executor ray",
+    )
+    assert_user_error(
+        f"adaptive-etf --dataset digits --epochs 1 --seeds 1 --probe-samples 5 --out {out}",
+        capsys,
+        "--probe-samples 5",
+        "needs every class",
+    )
+    for option in ("--rank-rtol 1.5", "--rank-rtol 0", "--delta 0", "--c1 -1", "--c2 nan"):
+        assert_user_error(f"bounds --run {tmp_path} {option}", capsys, option.split()[0])
+    assert not out.exists()
+    # a resumed run stays in its own directory, as it is
+    run = tmp_path / "run"
+    code, _, err = cli(
+        f"train --dataset gaussian --epochs 1 --seeds 1 --head learned --out {run} --no-progress",
+        capsys,
+    )
+    assert code == 0, err
+    assert_user_error(f"train --resume {run} --out {out}", capsys, "drop --out")
+    assert_user_error(f"train --resume {run} --overwrite", capsys, "drop --overwrite")

@@ -17,6 +17,7 @@ from nearest_etf.metrics.collapse import (
     equinorm,
     etf_distance,
     nc1,
+    ncc_accuracy,
     ncc_mismatch,
     nearest_etf_distance,
     self_duality,
@@ -229,3 +230,28 @@ def test_streaming_statistics_refuse_underflowing_features():
         stats.update(torch.randn(4, 4, dtype=F64) * 1e-160, labels)
     assert stats.shift is None and float(stats.counts.sum()) == 0  # unchanged
     stats.update(torch.randn(4, 4, dtype=F64) * 1e-140, labels)  # still exact enough: accepted
+
+
+def test_empty_batches_and_mixed_dtypes():
+    # an empty batch adds nothing in either pass; an empty feature set is refused by name;
+    # float32 and float64 inputs are computed in the wider dtype, by every metric alike
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(12) % 3
+    H = torch.randn(12, 5, generator=g, dtype=F64) + 3 * torch.eye(3, 5, dtype=F64)[labels]
+    W = torch.randn(3, 5, generator=g, dtype=F64)
+    Z = H @ W.T
+    full = collapse_metrics([(H, Z, labels)], W, None, 3)
+    padded = collapse_metrics([(H, Z, labels), (H[:0], Z[:0], labels[:0])], W, None, 3)
+    assert full == padded
+    with pytest.raises(ValueError, match="at least one sample"):
+        ncc_accuracy(H[:0], labels[:0], 3, class_means(H, labels, 3)[0])
+    with pytest.raises(ValueError, match="at least one sample"):
+        cosine_margin(H[:0], labels[:0], W)
+    means, mu = class_means(H, labels, 3)
+    assert ncc_accuracy(H.float(), labels, 3, means) == ncc_accuracy(H, labels, 3, means)
+    torch.testing.assert_close(
+        bias_collapse(W, None, mu.float()), bias_collapse(W, None, mu), rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(
+        cosine_margin(H.float(), labels, W), cosine_margin(H, labels, W), rtol=1e-6, atol=0
+    )

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from nearest_etf.experiments._common.parallel import EXECUTORS
 from nearest_etf.experiments._common.plotting import FORMATS
+from nearest_etf.experiments._common.runs import UserError
 
 __all__ = [
     "DATASET_HELP",
@@ -29,15 +30,20 @@ __all__ = [
     "add_field_arguments",
     "add_output_arguments",
     "add_threads_argument",
+    "check_executor_arguments",
     "config_from_args",
     "default_out_dir",
     "nonnegative_float",
     "positive_float",
     "positive_int",
     "show_defaults",
+    "unit_fraction",
 ]
 
-DATASET_HELP = "mnist1d | digits | gaussian | a directory of MNIST/Fashion-MNIST IDX files"
+DATASET_HELP = (
+    "mnist1d | digits | gaussian | a directory of MNIST/Fashion-MNIST IDX files or CIFAR-10 "
+    "python batches"
+)
 
 ConfigT = TypeVar("ConfigT")
 
@@ -180,6 +186,20 @@ def positive_float(text: str) -> float:
 def nonnegative_float(text: str) -> float:
     """argparse type: a finite float >= 0 (weight decays, momenta)."""
     return _finite_float(text, positive=False)
+
+
+def unit_fraction(text: str) -> float:
+    """argparse type: a float strictly between 0 and 1 (relative tolerances, probabilities)."""
+    value = _finite_float(text, positive=True)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return value
+
+
+def check_executor_arguments(args: argparse.Namespace) -> None:
+    """`UserError` before anything runs for --ray-address without --executor ray."""
+    if getattr(args, "ray_address", None) is not None and args.executor != "ray":
+        raise UserError(f"--ray-address needs --executor ray (got --executor {args.executor})")
 
 
 def add_output_arguments(

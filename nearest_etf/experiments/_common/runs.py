@@ -186,7 +186,8 @@ def resumed_argv(argv: Sequence[str], directory: Path) -> list[str]:
     """The command line that resumes the run in `directory`: the one recorded in its manifest
     (without its --out), then the options of `argv` after the command words (without --resume),
     then ``--resume directory``. `UserError` if the manifest is missing, records no command
-    line or belongs to another command than the one `argv` starts with."""
+    line or belongs to another command than the one `argv` starts with, or if `argv` also
+    gives --out or --overwrite (a resumed run stays in its directory, as it is)."""
     manifest = read_manifest(directory)
     stored = manifest.get("argv")
     words = str(manifest["command"]).split()
@@ -197,7 +198,13 @@ def resumed_argv(argv: Sequence[str], directory: Path) -> list[str]:
             f"--resume {directory}: that directory holds a `nearest-etf {manifest['command']}` "
             f"run; resume it with: nearest-etf {manifest['command']} --resume {directory}"
         )
-    extra = _strip_output_options(argv[len(words) :])
+    given = list(argv[len(words) :])
+    for option in ("--out", "--overwrite"):
+        if any(token == option or token.startswith(f"{option}=") for token in given):
+            raise UserError(
+                f"--resume {directory} continues that run in its own directory: drop {option}"
+            )
+    extra = _strip_output_options(given)
     return [*_strip_output_options(stored), *extra, "--resume", str(directory)]
 
 

@@ -19,7 +19,12 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from nearest_etf.experiments._common.options import add_field_arguments, config_from_args
+from nearest_etf.experiments._common.options import (
+    add_field_arguments,
+    config_from_args,
+    positive_float,
+    unit_fraction,
+)
 from nearest_etf.experiments._common.plotting import FORMATS, PERCENT, style_axes, suptitle
 from nearest_etf.experiments._common.results import save_figure, write_csv
 from nearest_etf.experiments._common.runs import UserError, write_json
@@ -172,6 +177,15 @@ def main(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+# the argparse type of each BoundSettings field: rtol and delta are fractions, the constants
+# positive (an invalid value is a one-line user error before anything is read)
+_SETTING_TYPES = {
+    "rank_rtol": unit_fraction,
+    "delta": unit_fraction,
+    "loss_lipschitz": positive_float,
+    "c1": positive_float,
+    "c2": positive_float,
+}
 # the help of the BoundSettings fields (floats), each set by an option of the same name
 _SETTING_HELP = {
     "rank_rtol": "numerical rank counts singular values > rtol * s_max",
@@ -189,7 +203,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--run", type=Path, required=True, help="a network*.pt file or a directory holding some"
     )
-    options = [(name, float, text) for name, text in _SETTING_HELP.items()]
+    options = [(name, _SETTING_TYPES[name], text) for name, text in _SETTING_HELP.items()]
     add_field_arguments(parser, BoundSettings(), options)
     parser.add_argument(
         "--format",

@@ -20,6 +20,7 @@ import torch
 from nearest_etf.experiments._common.options import (
     add_executor_arguments,
     add_output_arguments,
+    check_executor_arguments,
     config_from_args,
     default_out_dir,
     nonnegative_float,
@@ -166,6 +167,7 @@ def _sweep(args: argparse.Namespace) -> None:
         **{name: getattr(args, name) for name in _SWEPT},
     )
     srg_r = [] if args.no_srg else args.srg_r
+    check_executor_arguments(args)
     with user_errors():  # every setting, before spawning workers
         check_sweep(grid, args.srg_layers, srg_r, args.srg_wd, args.rank_rtol)
     settings = sweep_settings(grid, args.srg_layers, srg_r, args.srg_wd, args.rank_rtol)

@@ -30,6 +30,7 @@ from nearest_etf.experiments._common.options import (
     add_field_arguments,
     add_output_arguments,
     add_threads_argument,
+    check_executor_arguments,
     config_from_args,
     default_out_dir,
     nonnegative_float,
@@ -344,6 +345,7 @@ def main(args: argparse.Namespace) -> None:
         lr_grid = args.lr_grid if args.lr_grid else [args.lr]
         seeds = list(range(args.seeds))
         check_study(args.methods, seeds, lr_grid, args.lr, args.tune_seed, args.workers)
+    check_executor_arguments(args)
     torch.set_num_threads(args.threads)
     settings = {
         "config": config.to_dict(),
