@@ -141,6 +141,8 @@ def check_config(config: ETFTransformerConfig, data: DataSplits) -> None:
     unknown = [v for v in config.variants if v not in VARIANTS]
     if unknown or not config.variants:
         raise UserError(f"variants must be among {VARIANTS}, got {config.variants}")
+    if len(set(config.variants)) < len(config.variants):
+        raise UserError(f"--variants names a variant twice: {list(config.variants)}")
     try:
         _model(config, data)
     except ValueError as exc:

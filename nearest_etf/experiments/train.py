@@ -46,6 +46,7 @@ from nearest_etf.experiments._common import distributed
 from nearest_etf.experiments._common.options import (
     DATASET_HELP,
     TrainingOptions,
+    comma_list,
     config_from_args,
     nonnegative_float,
     positive_int,
@@ -479,18 +480,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 def _heads(text: str) -> tuple[str, ...]:
-    """argparse type of --head: a comma list of HEADS, or 'all'."""
-    if text == "all":
-        return tuple(HEADS)
-    names = tuple(name.strip() for name in text.split(","))
-    unknown = [name for name in names if name not in HEADS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown head(s) {', '.join(unknown)!s}; choose from {', '.join(HEADS)} or 'all'"
-        )
-    if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"a head is named twice in {text!r}")
-    return names
+    """argparse type of --head: a comma list of HEADS (`comma_list`), or 'all'."""
+    return tuple(HEADS) if text == "all" else tuple(comma_list(choices=HEADS)(text))
 
 
 def _temperature(text: str) -> float | str | None:

@@ -140,3 +140,30 @@ def test_options_the_launch_or_data_cannot_serve_fail_before_training(monkeypatc
         check_config(replace(config, balanced_batches=True), data)
     with pytest.raises(UserError, match=r"--augment .* needs image data"):
         check_config(replace(config, augment=True), data)
+
+
+def test_comma_lists_parse_one_way_everywhere():
+    import argparse
+
+    from nearest_etf.experiments._common.options import comma_list
+
+    assert comma_list(int, ranges=True)("3:6") == [3, 4, 5]  # end excluded
+    assert comma_list(float)("0.1, 0.2") == [0.1, 0.2]
+    assert comma_list(choices=("a", "b"))("b,a") == ["b", "a"]
+    for text, parser, message in (
+        ("1,1", comma_list(int), "twice"),
+        ("", comma_list(int), "empty"),
+        ("a,c", comma_list(choices=("a", "b")), "unknown c"),
+        ("x", comma_list(int), "cannot parse"),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parser(text)
+    # every sub-command that takes a list refuses a repeated value as a user error (status 2)
+    for argv in (
+        ["ufm", "--methods", "fixed,fixed"],
+        ["train", "--head", "fixed,fixed"],
+        ["dufm", "sweep", "--wd", "0.1,0.1"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(argv)
+        assert exit_info.value.code == 2

@@ -31,6 +31,7 @@ __all__ = [
     "add_output_arguments",
     "add_threads_argument",
     "check_executor_arguments",
+    "comma_list",
     "config_from_args",
     "default_out_dir",
     "nonnegative_float",
@@ -186,6 +187,38 @@ def positive_float(text: str) -> float:
 def nonnegative_float(text: str) -> float:
     """argparse type: a finite float >= 0 (weight decays, momenta)."""
     return _finite_float(text, positive=False)
+
+
+def comma_list(
+    kind: Callable[[str], Any] = str,
+    choices: Sequence[str] | None = None,
+    *,
+    ranges: bool = False,
+) -> Callable[[str], list]:
+    """argparse type: "a,b,c" as a list of ``kind`` (each item parsed by it), non-empty, no item
+    twice (a grid point or a method listed twice would run and count twice), each among
+    ``choices`` if given; with ``ranges`` also "a:b" for the integers a..b-1 (end excluded)."""
+
+    def parse(text: str) -> list:
+        try:
+            if ranges and ":" in text:
+                lo, hi = text.split(":")
+                values = [kind(str(v)) for v in range(int(lo), int(hi))]
+            else:
+                values = [kind(item.strip()) for item in text.split(",") if item.strip()]
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise argparse.ArgumentTypeError(f"cannot parse {text!r} as a list: {exc}") from exc
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
+        if choices is not None and (unknown := [v for v in values if v not in choices]):
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(map(str, unknown))}; choose from {', '.join(choices)}"
+            )
+        if len(set(values)) < len(values):
+            raise argparse.ArgumentTypeError(f"{text!r} names a value twice")
+        return values
+
+    return parse
 
 
 def unit_fraction(text: str) -> float:

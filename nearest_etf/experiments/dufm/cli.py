@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
@@ -21,6 +20,7 @@ from nearest_etf.experiments._common.options import (
     add_executor_arguments,
     add_output_arguments,
     check_executor_arguments,
+    comma_list,
     config_from_args,
     default_out_dir,
     nonnegative_float,
@@ -36,32 +36,16 @@ from nearest_etf.experiments.dufm.train import CONVERGED_RTOL, OPTIMIZERS, DUFMC
 __all__ = ["add_parser"]
 
 
-def _list_of(kind: Callable) -> Callable[[str], list]:
-    """Parse "a,b,c" (or "a:b" for the integers a..b-1, the end excluded) into a list of
-    ``kind``."""
-
-    def parse(text: str) -> list:
-        try:
-            if ":" in text:
-                lo, hi = text.split(":")
-                values = [kind(str(v)) for v in range(int(lo), int(hi))]
-            else:
-                values = [kind(item) for item in text.split(",") if item.strip()]
-        except (ValueError, argparse.ArgumentTypeError) as exc:
-            raise argparse.ArgumentTypeError(f"cannot parse {text!r} as a list: {exc}") from exc
-        if not values:
-            raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
-        return values
-
-    return parse
-
-
 def _add_training_args(parser: argparse.ArgumentParser, multi: bool) -> None:
     """Model/training options; with ``multi`` the swept ones take comma lists."""
     d = DUFMConfig()
     ints, rates, decays = (int, positive_float, nonnegative_float)
     if multi:
-        ints, rates, decays = _list_of(int), _list_of(positive_float), _list_of(nonnegative_float)
+        ints, rates, decays = (
+            comma_list(int, ranges=True),
+            comma_list(positive_float),
+            comma_list(nonnegative_float),
+        )
     wrap = (lambda v: [v]) if multi else (lambda v: v)
     note = " (comma list)" if multi else ""
     parser.add_argument(
@@ -82,11 +66,11 @@ def _add_training_args(parser: argparse.ArgumentParser, multi: bool) -> None:
     parser.add_argument("--wd-h", type=nonnegative_float, default=None, help="override lambda_H")
     parser.add_argument(
         "--wd-w",
-        type=_list_of(nonnegative_float),
+        type=comma_list(nonnegative_float),
         default=None,
         help="override lambda_W_1..lambda_W_L (L comma-separated values)",
     )
-    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--steps", type=positive_int, default=d.steps, help="training steps")
     parser.add_argument(
         "--init-scale",
         type=positive_float,
@@ -217,10 +201,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="processes, or CPUs of the local Ray instance (default: CPU count)",
     )
-    sweep.add_argument("--srg-layers", type=_list_of(int), default=[3, 4, 5])
+    sweep.add_argument("--srg-layers", type=comma_list(int, ranges=True), default=[3, 4, 5])
     sweep.add_argument(
         "--srg-r",
-        type=_list_of(int),
+        type=comma_list(int, ranges=True),
         default=list(range(3, 9)),
         help="r values (K = r(r-1)/2) for the L_SRG/L_DNC curve: a comma list, or lo:hi for "
         "lo..hi-1 (the end excluded, like range; 3:9 = 3,4,5,6,7,8)",

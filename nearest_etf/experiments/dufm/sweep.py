@@ -85,10 +85,17 @@ def check_sweep(
     rank_rtol: float,
 ) -> None:
     """Check every setting of a sweep before anything runs (`ValueError` naming it): every
-    configuration of the grid, at least one seed, every (layers, r) of the SRG curve (r >= 3,
-    so that K = r(r-1)/2 >= 2 classes) and 0 < rank_rtol < 1."""
+    configuration of the grid, no value listed twice, at least one seed, every (layers, r) of
+    the SRG curve (r >= 3, so that K = r(r-1)/2 >= 2 classes) and 0 < rank_rtol < 1."""
     if not grid.seeds:
         raise ValueError("a sweep needs at least one seed (--seeds >= 1)")
+    for name in ("wd", "lr", "width", "layers", "classes", "per_class"):
+        values = list(getattr(grid, name))
+        if len(set(values)) < len(values):
+            raise ValueError(
+                f"--{name.replace('_', '-')} lists a value twice ({values}): each grid point "
+                "would run and count twice"
+            )
     for config in grid.configs():
         config.problem()
     for r in srg_r:

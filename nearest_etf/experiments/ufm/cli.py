@@ -31,6 +31,7 @@ from nearest_etf.experiments._common.options import (
     add_output_arguments,
     add_threads_argument,
     check_executor_arguments,
+    comma_list,
     config_from_args,
     default_out_dir,
     nonnegative_float,
@@ -299,27 +300,6 @@ def read_study(path: Path) -> tuple[Study, str]:
     return study, record["command"]
 
 
-def _rates(text: str) -> list[float]:
-    """argparse type: a comma list of finite learning rates > 0."""
-    try:
-        values = [positive_float(v) for v in text.split(",") if v.strip()]
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"cannot parse {text!r}: {exc}") from exc
-    if not values:
-        raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
-    return values
-
-
-def _methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise argparse.ArgumentTypeError(
-            f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}"
-        )
-    return methods
-
-
 def _run_key(run: UFMRun) -> str:
     return f"{run.method}-lr{run.lr!r}-seed{run.seed}"
 
@@ -405,7 +385,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=d.steps, help="full-batch steps T")
     parser.add_argument(
         "--methods",
-        type=_methods,
+        type=comma_list(choices=METHODS),
         default=["learned", "fixed", "implicit", "implicit-none"],
         help=f"comma list from {', '.join(METHODS)}",
     )
@@ -413,7 +393,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=positive_float, default=10.0, help="the shared learning rate")
     parser.add_argument(
         "--lr-grid",
-        type=_rates,
+        type=comma_list(positive_float),
         default=[1.0, 3.0, 10.0, 30.0, 100.0],
         help="comma list each method picks its best lr from (one value: no tuning)",
     )

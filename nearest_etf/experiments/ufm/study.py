@@ -464,6 +464,9 @@ def check_study(
         _check_method(method)
     if not methods or not seeds or not lr_grid:
         raise ValueError("methods, seeds and lr_grid must be non-empty")
+    for name, values in (("methods", methods), ("lr_grid", lr_grid), ("seeds", seeds)):
+        if len(set(values)) < len(values):
+            raise ValueError(f"{name} lists a value twice: {list(values)}")
     if tune_seed in seeds:
         raise ValueError(f"tune_seed {tune_seed} must differ from the evaluation seeds {seeds}")
     for lr in [*lr_grid, shared_lr]:
