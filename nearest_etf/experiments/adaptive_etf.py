@@ -418,8 +418,16 @@ def main(args: argparse.Namespace) -> None:
 _METHOD_OPTIONS = (
     ("momentum", nonnegative_float, None),
     ("fixed_last", int, "k of the fixed-last-k baseline (linear layers, classifier included)"),
-    ("threshold", float, "NCC accuracy"),
-    ("patience", positive_int, "epochs"),
+    (
+        "threshold",
+        float,
+        "a layer counts as collapsed when its training NCC accuracy (a fraction) is at least this",
+    ),
+    (
+        "patience",
+        positive_int,
+        "epochs a layer must stay collapsed before the rule freezes from it",
+    ),
     (
         "probe_samples",
         positive_int,

@@ -282,8 +282,11 @@ def load_layer_stack(path: str | Path) -> LayerStack:
     try:
         data = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load's failures on foreign bytes have many types
+        # not torch's message: it advises retrying with weights_only=False, which would run
+        # whatever code the file holds
         raise ValueError(
-            f"{path} is not a network file written by nearest-etf ({type(exc).__name__}: {exc})"
+            f"{path} is not a network file written by nearest-etf (torch.load with "
+            f"weights_only=True failed: {type(exc).__name__})"
         ) from exc
     keys = ("format", "weights", "biases", "activations", "inputs", "labels", "meta")
     if not isinstance(data, dict) or data.get("format") != _FORMAT or not set(keys) <= set(data):

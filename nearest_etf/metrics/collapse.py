@@ -756,7 +756,15 @@ def collapse_metrics(
         )
     stats: CollapseStatistics | None = None
     peak = torch.zeros(1, dtype=torch.float64)  # max |h| over the data: the Gram matrices' scale
-    for features, _, labels in batches:
+    for batch in batches:
+        if not isinstance(batch, list | tuple) or len(batch) != 3:
+            size = len(batch) if hasattr(batch, "__len__") else "?"
+            raise ValueError(
+                "collapse_metrics needs batches of (features, logits, labels) triples, got a "
+                f"{type(batch).__name__} of length {size} (a DataLoader of (x, y) yields "
+                "inputs, not features: map it through the model)"
+            )
+        features, _, labels = batch
         if stats is None:
             stats = CollapseStatistics(_check_matrix("features", features).shape[1], num_classes)
         stats.update(features, labels)
