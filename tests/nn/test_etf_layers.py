@@ -181,7 +181,8 @@ def test_ncc_accuracy_and_effective_depth() -> None:
     assert ncc_accuracy(features, labels, 2, torch.tensor([[0.0], [1.0]])) == 0.75
     with pytest.raises(ValueError, match="means must have shape"):
         ncc_accuracy(features, labels, 2, torch.zeros(3, 1))
-    with pytest.raises(TypeError, match="dtype"):
-        ncc_accuracy(features, labels, 2, torch.zeros(2, 1, dtype=torch.float64))
+    # mixed float32/float64 inputs are computed in the wider dtype (the metrics' rule)
+    wide = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    assert ncc_accuracy(features, labels, 2, wide) == 0.75
     assert effective_depth([0.5, 0.89, 0.9, 0.95]) == 2
     assert effective_depth([0.5, 0.6], threshold=0.9) is None

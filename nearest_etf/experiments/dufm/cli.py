@@ -16,17 +16,7 @@ from dataclasses import asdict
 
 import torch
 
-from nearest_etf.experiments._common.options import (
-    add_executor_arguments,
-    add_output_arguments,
-    check_executor_arguments,
-    comma_list,
-    config_from_args,
-    default_out_dir,
-    nonnegative_float,
-    positive_float,
-    positive_int,
-)
+from nearest_etf.experiments._common import options
 from nearest_etf.experiments._common.runs import UserError, open_run, user_errors
 from nearest_etf.experiments.dufm.analysis import DUFM_RANK_RTOL
 from nearest_etf.experiments.dufm.run import run_experiment
@@ -39,12 +29,12 @@ __all__ = ["add_parser"]
 def _add_training_args(parser: argparse.ArgumentParser, multi: bool) -> None:
     """Model/training options; with ``multi`` the swept ones take comma lists."""
     d = DUFMConfig()
-    ints, rates, decays = (int, positive_float, nonnegative_float)
+    ints, rates, decays = (int, options.positive_float, options.nonnegative_float)
     if multi:
         ints, rates, decays = (
-            comma_list(int, ranges=True),
-            comma_list(positive_float),
-            comma_list(nonnegative_float),
+            options.comma_list(int, ranges=True),
+            options.comma_list(options.positive_float),
+            options.comma_list(options.nonnegative_float),
         )
     wrap = (lambda v: [v]) if multi else (lambda v: v)
     note = " (comma list)" if multi else ""
@@ -63,35 +53,39 @@ def _add_training_args(parser: argparse.ArgumentParser, multi: bool) -> None:
         "--wd", type=decays, default=wrap(d.wd), help=f"lambda for every regulariser{note}"
     )
     parser.add_argument("--lr", type=rates, default=wrap(d.lr), help=f"learning rate{note}")
-    parser.add_argument("--wd-h", type=nonnegative_float, default=None, help="override lambda_H")
+    parser.add_argument(
+        "--wd-h", type=options.nonnegative_float, default=None, help="override lambda_H"
+    )
     parser.add_argument(
         "--wd-w",
-        type=comma_list(nonnegative_float),
+        type=options.comma_list(options.nonnegative_float),
         default=None,
         help="override lambda_W_1..lambda_W_L (L comma-separated values)",
     )
-    parser.add_argument("--steps", type=positive_int, default=d.steps, help="training steps")
+    parser.add_argument(
+        "--steps", type=options.positive_int, default=d.steps, help="training steps"
+    )
     parser.add_argument(
         "--init-scale",
-        type=positive_float,
+        type=options.positive_float,
         default=d.init_scale,
         help="std of the Gaussian initialisation of every entry",
     )
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     parser.add_argument(
-        "--batch-size", type=positive_int, default=None, help="mini-batch size for sgd"
+        "--batch-size", type=options.positive_int, default=None, help="mini-batch size for sgd"
     )
-    parser.add_argument("--momentum", type=nonnegative_float, default=d.momentum)
+    parser.add_argument("--momentum", type=options.nonnegative_float, default=d.momentum)
     parser.add_argument("--dtype", choices=("float64", "float32"), default=d.dtype)
-    parser.add_argument("--record-every", type=positive_int, default=d.record_every)
+    parser.add_argument("--record-every", type=options.positive_int, default=d.record_every)
     parser.add_argument(
         "--rank-rtol",
-        type=positive_float,
+        type=options.positive_float,
         default=DUFM_RANK_RTOL,
         help="numerical rank counts s_i > rtol * s_max (0 < rtol < 1)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    add_output_arguments(parser, "output directory (default runs/dufm/<command>-<time>)")
+    options.add_output_arguments(parser, "output directory (default runs/dufm/<command>-<time>)")
 
 
 _SWEPT = ("layers", "classes", "width", "per_class", "wd", "lr")  # comma lists in `sweep`
@@ -102,7 +96,7 @@ def _config(args: argparse.Namespace, **values: object) -> DUFMConfig:
     `UserError` for a bad combination."""
     wd_w = None if args.wd_w is None else tuple(args.wd_w)
     with user_errors():
-        return config_from_args(DUFMConfig, args, wd_w=wd_w, **values)
+        return options.config_from_args(DUFMConfig, args, wd_w=wd_w, **values)
 
 
 def _check_rank_rtol(rtol: float) -> None:
@@ -123,7 +117,7 @@ def _run(args: argparse.Namespace) -> None:
     config = _config(args)
     _check_rank_rtol(args.rank_rtol)
     settings = {"config": asdict(config), "rank_rtol": args.rank_rtol}
-    with open_run(args, "dufm run", settings, default_out_dir("dufm", "run")) as run:
+    with open_run(args, "dufm run", settings, options.default_out_dir("dufm", "run")) as run:
         summary = run_experiment(
             config, run.path, args.rank_rtol, not args.no_progress, args.format
         )
@@ -151,11 +145,11 @@ def _sweep(args: argparse.Namespace) -> None:
         **{name: getattr(args, name) for name in _SWEPT},
     )
     srg_r = [] if args.no_srg else args.srg_r
-    check_executor_arguments(args)
+    options.check_executor_arguments(args)
     with user_errors():  # every setting, before spawning workers
         check_sweep(grid, args.srg_layers, srg_r, args.srg_wd, args.rank_rtol)
     settings = sweep_settings(grid, args.srg_layers, srg_r, args.srg_wd, args.rank_rtol)
-    with open_run(args, "dufm sweep", settings, default_out_dir("dufm", "sweep")) as run:
+    with open_run(args, "dufm sweep", settings, options.default_out_dir("dufm", "sweep")) as run:
         summary = run_sweep(
             grid,
             run,
@@ -192,26 +186,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.set_defaults(func=_run)
     sweep = commands.add_parser("sweep", help="parallel sweep over wd, lr, width, L, K, n, seeds")
     _add_training_args(sweep, multi=True)
-    sweep.add_argument("--seeds", type=positive_int, default=10, help="number of seeds per setting")
+    sweep.add_argument(
+        "--seeds", type=options.positive_int, default=10, help="number of seeds per setting"
+    )
     sweep.add_argument("--seed-start", type=int, default=0)
-    add_executor_arguments(sweep)
+    options.add_executor_arguments(sweep)
     sweep.add_argument(
         "--workers",
-        type=positive_int,
+        type=options.positive_int,
         default=None,
         help="processes, or CPUs of the local Ray instance (default: CPU count)",
     )
-    sweep.add_argument("--srg-layers", type=comma_list(int, ranges=True), default=[3, 4, 5])
+    sweep.add_argument("--srg-layers", type=options.comma_list(int, ranges=True), default=[3, 4, 5])
     sweep.add_argument(
         "--srg-r",
-        type=comma_list(int, ranges=True),
+        type=options.comma_list(int, ranges=True),
         default=list(range(3, 9)),
         help="r values (K = r(r-1)/2) for the L_SRG/L_DNC curve: a comma list, or lo:hi for "
         "lo..hi-1 (the end excluded, like range; 3:9 = 3,4,5,6,7,8)",
     )
     sweep.add_argument(
         "--srg-wd",
-        type=positive_float,
+        type=options.positive_float,
         default=0.004,
         help="lambda (all regularisers) of the L_SRG/L_DNC curve",
     )
