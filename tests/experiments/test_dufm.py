@@ -193,6 +193,8 @@ def test_bad_arguments_get_clear_errors():
         DUFMConfig(optimizer="lbfgs")
     with pytest.raises(ValueError, match="batch_size"):
         DUFMConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="batch_size is for optimizer 'sgd'"):
+        DUFMConfig(optimizer="gd", batch_size=2)  # would be ignored silently
     with pytest.raises(ValueError, match="width"):
         DUFMConfig(width=5)
     with pytest.raises(ValueError, match="regularisation"):

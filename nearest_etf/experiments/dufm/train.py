@@ -81,6 +81,11 @@ class DUFMConfig:
                 f"optimizer 'sgd' needs 1 <= batch_size <= N={self.classes * self.per_class}, "
                 f"got {self.batch_size}"
             )
+        if self.optimizer != "sgd" and self.batch_size is not None:
+            raise ValueError(
+                f"batch_size is for optimizer 'sgd'; {self.optimizer!r} uses the full batch "
+                f"(got batch_size={self.batch_size})"
+            )
         for name, values in (("wd", [self.wd]), ("wd_h", [self.wd_h]), ("wd_w", self.wd_w)):
             if any(not (math.isfinite(v) and v >= 0) for v in values or () if v is not None):
                 raise ValueError(f"{name} must be finite and non-negative, got {values}")
