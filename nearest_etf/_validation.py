@@ -74,11 +74,16 @@ def check_float_tensor(name: str, x: object) -> Tensor:
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got {x.dtype}"
         )
-    # One reduction instead of an elementwise isfinite pass: a finite sum proves every entry
-    # finite (NaN/inf propagate); only when it is not, look closer (it may have overflowed).
-    if not bool(torch.isfinite(x.detach().sum())) and not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError(f"{name} has non-finite entries (NaN or inf)")
     return x
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every entry of x is finite, by one reduction instead of an elementwise isfinite
+    pass: a finite sum proves it (NaN/inf propagate); only when it is not, look closer (the sum
+    may have overflowed)."""
+    return bool(torch.isfinite(x.detach().sum())) or bool(torch.isfinite(x).all())
 
 
 def as_float64(name: str, x: object) -> Tensor:

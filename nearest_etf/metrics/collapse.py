@@ -124,8 +124,8 @@ def _check_means(means: object, global_mean: object = None) -> tuple[Tensor, Ten
         raise ValueError(
             f"global_mean must have shape [{means.shape[1]}], got {tuple(global_mean.shape)}"
         )
-    dtype = torch.promote_types(means.dtype, global_mean.dtype)
-    return means.to(dtype), global_mean.to(dtype)
+    means, global_mean = _common_dtype(means, global_mean)
+    return means, global_mean
 
 
 def _common_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -484,8 +484,9 @@ def self_duality_product(
     weight = _check_classifier(weight, means.shape[1], means.shape[0])
     _check_nonzero_classifier(weight, "NC3 (product form)")
     centred, _ = _centred_means(means, global_mean, "NC3 (product form)")
-    dtype = torch.promote_types(weight.dtype, centred.dtype)
-    product = normalise(weight.to(dtype), (0, 1)) @ normalise(centred.to(dtype), (0, 1)).mT
+    weight, centred = _common_dtype(weight, centred)
+    dtype = weight.dtype
+    product = normalise(weight, (0, 1)) @ normalise(centred, (0, 1)).mT
     # entries of a product of unit-norm matrices round by at most d * eps
     if float(product.detach().abs().max()) <= means.shape[1] * torch.finfo(dtype).eps:
         raise ValueError(
@@ -500,8 +501,8 @@ def bias_collapse(weight: Tensor, bias: Tensor | None, global_mean: Tensor) -> T
     """|| W mu_G + b ||_2 (0 when the bias cancels the global mean), W[K, d], b[K], mu_G[d]."""
     global_mean = check_float_tensor("global_mean", global_mean)
     weight = _check_classifier(weight, global_mean.shape[-1])
-    dtype = torch.promote_types(weight.dtype, global_mean.dtype)  # mixed dtypes: the wider
-    value = weight.to(dtype) @ global_mean.to(dtype)
+    weight, global_mean = _common_dtype(weight, global_mean)
+    value = weight @ global_mean
     if bias is not None:
         bias = check_float_tensor("bias", bias)
         if bias.shape != weight.shape[:1]:
@@ -588,8 +589,7 @@ def _cosine_margins(
     or w_k = 0) has cosine 0 with every vector."""
     centred = features
     if global_mean is not None:
-        dtype = torch.promote_types(features.dtype, global_mean.dtype)
-        features, global_mean = features.to(dtype), global_mean.to(dtype)
+        features, global_mean = _common_dtype(features, global_mean)
         c = torch.minimum(pow2_scale(features, (0, 1)), pow2_scale(global_mean, 0))
         centred = features * c - global_mean * c
     cos = normalise(centred, 1) @ normalise(weight, 1).T

@@ -39,7 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nearest_etf._validation import check_choice, check_nonnegative, check_stiefel, normalise
+from nearest_etf._validation import (
+    all_finite,
+    check_choice,
+    check_nonnegative,
+    check_stiefel,
+    normalise,
+)
 from nearest_etf.declarative.node import Backward
 from nearest_etf.declarative.solvers import Solver
 from nearest_etf.etf import centering_matrix, etf_classifier, random_stiefel
@@ -141,11 +147,6 @@ def _check_momentum(momentum: float | None) -> float | None:
     return float(momentum)
 
 
-def _is_finite(x: Tensor) -> bool:
-    """All entries finite, by one reduction (a finite sum proves it; look closer only if not)."""
-    return bool(torch.isfinite(x.detach().sum())) or bool(torch.isfinite(x).all())
-
-
 class _Head(nn.Module):
     """Shared behaviour: input checks, the optional normalisation to norm `temperature`, the
     training-step counter ``num_steps`` (a buffer), the no-grad policy, state checks on load.
@@ -208,7 +209,7 @@ class _Head(nn.Module):
         with torch.autocast(device_type, enabled=False):
             features, targets = self._inputs(features, targets)
             logits, update = self._logits(features, targets)
-            if not _is_finite(logits):
+            if not all_finite(logits):
                 raise NonFiniteError(
                     f"{self._where()}: non-finite logits (NaN or inf) from finite features; the "
                     "classifier is non-finite or overflowed"

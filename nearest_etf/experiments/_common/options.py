@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nearest_etf.experiments._common.parallel import EXECUTORS
+from nearest_etf.experiments._common.parallel import EXECUTORS, check_executor
 from nearest_etf.experiments._common.plotting import FORMATS
 from nearest_etf.experiments._common.runs import UserError
 
@@ -230,9 +230,12 @@ def unit_fraction(text: str) -> float:
 
 
 def check_executor_arguments(args: argparse.Namespace) -> None:
-    """`UserError` before anything runs for --ray-address without --executor ray."""
-    if getattr(args, "ray_address", None) is not None and args.executor != "ray":
-        raise UserError(f"--ray-address needs --executor ray (got --executor {args.executor})")
+    """`UserError` before anything runs for executor options `map_unordered` would refuse
+    (`parallel.check_executor`: e.g. --ray-address without --executor ray)."""
+    try:
+        check_executor(args.executor, getattr(args, "ray_address", None))
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
 
 
 def add_output_arguments(

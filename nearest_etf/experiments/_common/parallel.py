@@ -28,7 +28,7 @@ import torch
 
 import nearest_etf
 
-__all__ = ["EXECUTORS", "map_unordered"]
+__all__ = ["EXECUTORS", "check_executor", "map_unordered"]
 
 EXECUTORS = ("process", "ray", "serial")
 
@@ -70,6 +70,15 @@ def _ray_results(fn: Callable, tasks: Sequence, workers: int, address: str | Non
         yield ray.get(done[0])
 
 
+def check_executor(executor: str, address: str | None = None) -> None:
+    """ValueError for an unknown executor, or a Ray `address` with an executor other than
+    "ray" (see `map_unordered`)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if address is not None and executor != "ray":
+        raise ValueError(f"--ray-address needs --executor ray (got --executor {executor})")
+
+
 def map_unordered(
     fn: Callable,
     tasks: Sequence,
@@ -82,10 +91,7 @@ def map_unordered(
     ``fn`` must be a module-level function (workers are spawned processes). ``address`` is the
     Ray cluster to use (executor "ray" only; None: a local instance with ``workers`` CPUs).
     """
-    if executor not in EXECUTORS:
-        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
-    if address is not None and executor != "ray":
-        raise ValueError(f"a Ray address needs the ray executor, not {executor!r}")
+    check_executor(executor, address)
     workers = workers or os.cpu_count() or 1
     if executor == "ray":
         if importlib.util.find_spec("ray") is None:
