@@ -76,7 +76,10 @@ def check_executor(executor: str, address: str | None = None) -> None:
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     if address is not None and executor != "ray":
-        raise ValueError(f"--ray-address needs --executor ray (got --executor {executor})")
+        raise ValueError(
+            f"--ray-address needs --executor ray: a Ray address needs the ray executor, not "
+            f"{executor!r}"
+        )
 
 
 def map_unordered(
