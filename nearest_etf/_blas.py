@@ -3,10 +3,9 @@
 A general product `A.mT @ A` computes all n^2 entries of the symmetric n x n result; syrk
 computes one triangle, half the multiply-adds. torch exposes no syrk, so large float32/float64
 CPU matrices go through SciPy's BLAS wrappers (zero-copy views of the tensor's memory), with
-SciPy's BLAS limited to torch's current intra-op thread count; at (d, K) = (2048, 1000) in
-float32 on one thread that is 17 ms against 28 ms (benchmarks/solver_speed.py measures the
-nearest-ETF solve that uses it). Other devices, dtypes, batches and small matrices take
-`A.mT @ A`.
+SciPy's BLAS limited to torch's current intra-op thread count (benchmarks/solver_speed.py
+measures the nearest-ETF solve that uses it). Other devices, dtypes, batches and small matrices
+take `A.mT @ A`.
 """
 
 from __future__ import annotations
